@@ -1,0 +1,125 @@
+"""What every AudioLDM2 LightningModule here shares: a frozen backbone, a LoRA, lean checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from lightning import LightningModule
+from torch import nn
+
+from rlmusic_pl.backbone.audioldm2 import AudioLDM2Backbone
+from rlmusic_pl.lora import LoRASettings, add_lora, save_lora
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint does not hold what this module needs to continue."""
+
+
+class AudioLDM2Module(LightningModule):
+    """Base class: builds the frozen AudioLDM2 backbone and its LoRA in ``configure_model``.
+
+    Checkpoints keep only the trainable state (LoRA, scale layers, anything a subclass adds in
+    ``trainable_state_prefixes``), never the frozen multi-GB backbone, and refuse to resume from a
+    checkpoint that lacks it rather than silently training from scratch.
+
+    Args:
+        backbone: hub id, local diffusers directory, or ``tiny`` (random weights, offline).
+        backbone_seed: seed of the ``tiny`` backbone's weights.
+        frozen_dtype: dtype of the frozen weights (``float16`` halves GPU memory under 16-mixed).
+        text_length: T5 tokens per prompt (prompts are padded/truncated to it).
+        lora_rank: LoRA rank.
+        lora_alpha: LoRA alpha (the update is scaled by alpha / rank).
+        lora_targets: ``attention``, ``self_attention``, ``attention+conv``, ``self_attention+conv``
+            or a regular expression over UNet module names.
+        gradient_checkpointing: recompute UNet activations in the backward pass to save memory.
+    """
+
+    trainable_state_prefixes: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        backbone: str = "cvssp/audioldm2-music",
+        backbone_seed: int = 0,
+        frozen_dtype: str = "float32",
+        text_length: int = 64,
+        lora_rank: int = 4,
+        lora_alpha: float = 4.0,
+        lora_targets: str = "attention",
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if frozen_dtype not in DTYPES:
+            raise ValueError(f"frozen_dtype must be one of {sorted(DTYPES)}, got {frozen_dtype!r}")
+        self.backbone: AudioLDM2Backbone | None = None
+        self.strict_loading = False  # checkpoints hold only the trainable state
+
+    @property
+    def lora_settings(self) -> LoRASettings:
+        hp = self.hparams
+        return LoRASettings(rank=hp.lora_rank, alpha=hp.lora_alpha, targets=hp.lora_targets, init_seed=hp.backbone_seed)
+
+    def configure_model(self) -> None:
+        if self.backbone is not None:
+            return
+        hp = self.hparams
+        self.backbone = AudioLDM2Backbone.load(hp.backbone, seed=hp.backbone_seed, dtype=DTYPES[hp.frozen_dtype], text_length=hp.text_length)
+        self.add_adapters(self.backbone.unet)
+        if hp.gradient_checkpointing:
+            self.backbone.unet.enable_gradient_checkpointing()
+        self.backbone.to(self.device)
+
+    def add_adapters(self, unet: nn.Module) -> None:
+        """Put the trainable adapters on the UNet (default: a fresh LoRA)."""
+        add_lora(unet, self.lora_settings)
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """Modules that always stay in eval mode (their dropout would make the policy stochastic)."""
+        return [m for m in (self.backbone,) if m is not None]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for module in self.frozen_modules():
+            module.eval()
+        return self
+
+    # ------------------------------------------------------------------------ checkpoints
+    def is_trainable_state(self, key: str) -> bool:
+        return ".lora_" in key or ".rl_scale." in key or key.startswith(self.trainable_state_prefixes)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if self.is_trainable_state(k)}
+        if self.trainer is not None and self.trainer.is_global_zero and self.backbone is not None:
+            self.export_adapter()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        expected = {k for k in self.state_dict() if self.is_trainable_state(k)}
+        missing = sorted(expected - set(checkpoint.get("state_dict", {})))
+        if missing:
+            raise CheckpointError(
+                f"the checkpoint lacks {len(missing)} trainable tensors of this model (e.g. {missing[:3]}); "
+                "it was saved by a different model or LoRA configuration"
+            )
+
+    # ------------------------------------------------------------------------ export
+    @property
+    def run_dir(self) -> Path:
+        trainer = self.trainer
+        return Path(trainer.log_dir or trainer.default_root_dir) if trainer is not None else Path(".")
+
+    @property
+    def adapter_dir(self) -> Path:
+        """Where the adapter is exported in diffusers format (``<run dir>/adapter``)."""
+        return self.run_dir / "adapter"
+
+    def adapter_metadata(self) -> dict:
+        return {"kind": type(self).__name__, "backbone": self.hparams.backbone}
+
+    def export_adapter(self) -> Path:
+        return save_lora(self.backbone.unet, self.adapter_dir, self.adapter_metadata())
+
+    def on_fit_end(self) -> None:
+        if self.trainer.is_global_zero:
+            self.export_adapter()

@@ -1,0 +1,319 @@
+"""DDPO: reinforcement learning of an AudioLDM2 LoRA from a reward (Black et al. 2023; seed 001).
+
+Each training step is one DDPO epoch over a batch of prompts:
+  1. sample trajectories with a stochastic DDIM loop, recording x_t, x_{t-1}, log-probs, timesteps and
+     each sample's own conditioning (negative and positive, in sampling order);
+  2. score the decoded audio with the reward (and any monitor rewards, logged but not optimised);
+  3. turn rewards into advantages (per-prompt running statistics, per-group, or whole batch), with
+     prompts and rewards gathered from every rank so all ranks compute identical statistics;
+  4. ``inner_epochs`` passes of the clipped importance-ratio loss over a random ``timestep_fraction``
+     of each trajectory's steps, recomputing the guided noise prediction exactly as when sampling.
+
+Optimisation is manual (the loss is accumulated over timesteps), so gradient accumulation and
+clipping are this module's arguments, not the Trainer's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from rlmusic_pl.backbone.conditioning import PromptConditioning
+from rlmusic_pl.callbacks.samples import SampleBatch
+from rlmusic_pl.lora import lora_parameters
+from rlmusic_pl.modules.advantages import PerPromptStatTracker, batch_advantages, group_advantages
+from rlmusic_pl.modules.base import AudioLDM2Module
+from rlmusic_pl.modules.ppo import clipped_surrogate
+from rlmusic_pl.rewards.base import Reward, RewardResult
+
+
+@dataclass
+class Rollouts:
+    """Trajectories of one DDPO epoch on this rank (B samples, S steps)."""
+
+    latents: Tensor  # [B, S + 1, C, H, W]
+    log_probs: Tensor  # [B, S]
+    timesteps: Tensor  # [S]
+    cond: PromptConditioning
+    prompts: list[str]
+    attributes: list[dict[str, str]]
+    waveforms: Tensor  # [B, T]
+    rewards: RewardResult
+    advantages: Tensor | None = None  # [B]
+
+
+class DDPOModule(AudioLDM2Module):
+    """DDPO fine-tuning of a LoRA on the AudioLDM2 UNet.
+
+    Args:
+        reward: the reward to maximise (e.g. ``CLAPReward``, ``EmotionReward``, ``WeightedReward``).
+        monitor_rewards: rewards computed and logged on every epoch's samples but not optimised, to
+            watch for reward hacking (e.g. emotion accuracy while optimising CLAP).
+        duration_s: seconds of audio per sample.
+        num_steps: DDIM steps per sample.
+        guidance_scale: classifier-free guidance scale, used identically when sampling and training.
+        eta: DDIM stochasticity (> 0).
+        samples_per_prompt: samples of each prompt per epoch, from different initial noise.
+        sample_batch_size: samples generated per UNet batch.
+        train_batch_size: samples per training minibatch.
+        inner_epochs: optimisation passes over each epoch's samples.
+        timestep_fraction: fraction of each trajectory's steps trained on (chosen at random).
+        clip_range: PPO ratio clip epsilon.
+        adv_clip_max: advantages are clipped to +-this value.
+        advantage: ``per_prompt`` (running statistics per prompt), ``group`` (each prompt's
+            ``samples_per_prompt`` samples normalised by their own mean/std, GRPO-style) or ``batch``.
+        stat_buffer_size: rewards kept per prompt for ``per_prompt`` statistics.
+        stat_min_count: rewards a prompt needs before its own statistics replace the batch's.
+        learning_rate: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        adam_betas: AdamW betas.
+        adam_eps: AdamW epsilon.
+        gradient_accumulation: training minibatches (each over all its trained timesteps) per
+            optimizer step. Replaces the Trainer's ``accumulate_grad_batches``.
+        max_grad_norm: gradient norm clipping of the LoRA weights (0 disables). Replaces the Trainer's
+            ``gradient_clip_val``.
+        seed: seed of sampling noise and of the training shuffles (with the step and rank).
+        **backbone_args: see ``AudioLDM2Module`` (backbone, LoRA rank/alpha/targets, ...).
+    """
+
+    def __init__(
+        self,
+        reward: Reward,
+        monitor_rewards: list[Reward] | None = None,
+        backbone: str = "cvssp/audioldm2-music",
+        backbone_seed: int = 0,
+        frozen_dtype: str = "float32",
+        text_length: int = 64,
+        lora_rank: int = 4,
+        lora_alpha: float = 4.0,
+        lora_targets: str = "attention",
+        gradient_checkpointing: bool = False,
+        duration_s: float = 10.0,
+        num_steps: int = 19,
+        guidance_scale: float = 3.5,
+        eta: float = 1.0,
+        samples_per_prompt: int = 1,
+        sample_batch_size: int = 1,
+        train_batch_size: int = 1,
+        inner_epochs: int = 1,
+        timestep_fraction: float = 1.0,
+        clip_range: float = 1e-4,
+        adv_clip_max: float = 5.0,
+        advantage: Literal["per_prompt", "group", "batch"] = "per_prompt",
+        stat_buffer_size: int = 16,
+        stat_min_count: int = 16,
+        learning_rate: float = 3e-4,
+        weight_decay: float = 1e-4,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        adam_eps: float = 1e-8,
+        gradient_accumulation: int = 1,
+        max_grad_norm: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(backbone, backbone_seed, frozen_dtype, text_length, lora_rank, lora_alpha, lora_targets, gradient_checkpointing)
+        self.save_hyperparameters(ignore=["reward", "monitor_rewards"])
+        _check_positive(num_steps=num_steps, samples_per_prompt=samples_per_prompt, sample_batch_size=sample_batch_size,
+                        train_batch_size=train_batch_size, inner_epochs=inner_epochs, gradient_accumulation=gradient_accumulation,
+                        duration_s=duration_s, eta=eta, clip_range=clip_range)
+        if not 0 < timestep_fraction <= 1:
+            raise ValueError(f"timestep_fraction must be in (0, 1], got {timestep_fraction}")
+        if advantage == "group" and samples_per_prompt < 2:
+            raise ValueError("advantage='group' needs samples_per_prompt >= 2")
+        self.automatic_optimization = False
+        self.reward = reward
+        self.monitor_rewards = torch.nn.ModuleList(monitor_rewards or [])
+        self.stat_tracker = PerPromptStatTracker(stat_buffer_size, stat_min_count)
+        self.epochs_sampled = 0
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        return super().frozen_modules() + [self.reward, self.monitor_rewards]
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        return torch.optim.AdamW(lora_parameters(self.backbone.unet), lr=hp.learning_rate, betas=tuple(hp.adam_betas),
+                                 eps=hp.adam_eps, weight_decay=hp.weight_decay)
+
+    # --------------------------------------------------------------------------- the DDPO epoch
+    def training_step(self, batch: dict, batch_idx: int) -> dict:
+        rollouts = self.sample_rollouts(batch, self._generator("sample"))
+        rollouts.advantages = self.compute_advantages(rollouts)
+        metrics = self.train_on_rollouts(rollouts)
+        self.epochs_sampled += 1
+        self._log_rewards("train", rollouts)
+        for name, value in metrics.items():
+            self.log(f"train/{name}", value, on_step=True, on_epoch=False, prog_bar=name == "loss")
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return {"samples": self._sample_batch(rollouts)}
+
+    def sample_rollouts(self, batch: dict, generator: torch.Generator) -> Rollouts:
+        """Generate ``samples_per_prompt`` trajectories per prompt and score them."""
+        hp = self.hparams
+        k = hp.samples_per_prompt
+        prompts = [p for p in batch["prompt"] for _ in range(k)]
+        negatives = [n for n in batch["negative_prompt"] for _ in range(k)]
+        attributes = [a for a in batch["attributes"] for _ in range(k)]
+        chunks = []
+        for start in range(0, len(prompts), hp.sample_batch_size):
+            part = slice(start, start + hp.sample_batch_size)
+            cond = self.backbone.encode_prompts(prompts[part], negatives[part])
+            noise = self.backbone.initial_latents(len(cond), hp.duration_s, generator)
+            result = self.backbone.sample(cond, noise, hp.num_steps, hp.guidance_scale, hp.eta, generator)
+            waveforms = self.backbone.decode(result.final, hp.duration_s)
+            chunks.append((result, cond, waveforms))
+        waveforms = torch.cat([c[2] for c in chunks])
+        return Rollouts(
+            latents=torch.cat([c[0].latents for c in chunks]),
+            log_probs=torch.cat([c[0].log_probs for c in chunks]),
+            timesteps=chunks[0][0].timesteps,
+            cond=PromptConditioning.cat([c[1] for c in chunks]),
+            prompts=prompts,
+            attributes=attributes,
+            waveforms=waveforms,
+            rewards=self.score(waveforms, prompts, attributes),
+        )
+
+    def score(self, waveforms: Tensor, prompts: list[str], attributes: list[dict[str, str]]) -> RewardResult:
+        """The reward, with monitor rewards' components added under ``monitor/<name>``."""
+        result = self.reward.evaluate(waveforms, self.backbone.sample_rate, prompts, attributes)
+        components = {"total": result.total, **{k: v for k, v in result.components.items() if k != "total"}}
+        for monitor in self.monitor_rewards:
+            monitored = monitor.evaluate(waveforms, self.backbone.sample_rate, prompts, attributes)
+            components.update({f"monitor/{k}": v for k, v in monitored.components.items()})
+        return RewardResult(total=result.total, components=components)
+
+    def compute_advantages(self, rollouts: Rollouts) -> Tensor:
+        """Advantages of this rank's samples, from statistics over every rank's prompts and rewards."""
+        hp = self.hparams
+        prompts, rewards = self._gather(rollouts.prompts, rollouts.rewards.total)
+        if hp.advantage == "per_prompt":
+            advantages = self.stat_tracker.update(prompts, rewards)
+        elif hp.advantage == "group":
+            advantages = group_advantages(rewards, hp.samples_per_prompt)
+        else:
+            advantages = batch_advantages(rewards)
+        mine = len(rollouts.prompts)
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        return advantages[rank * mine : (rank + 1) * mine].clamp(-hp.adv_clip_max, hp.adv_clip_max).to(self.device)
+
+    def train_on_rollouts(self, rollouts: Rollouts) -> dict[str, Tensor]:
+        """``inner_epochs`` passes of the clipped surrogate over shuffled samples and timesteps."""
+        hp = self.hparams
+        optimizer = self.optimizers()
+        generator = self._generator("train")
+        batch, steps = rollouts.log_probs.shape
+        trained_steps = max(1, int(steps * hp.timestep_fraction))
+        scale = 1.0 / (hp.gradient_accumulation * trained_steps)
+        self.backbone.set_timesteps(hp.num_steps)
+        history: dict[str, list[Tensor]] = {"loss": [], "approx_kl": [], "clipfrac": []}
+        minibatches = 0
+        for _ in range(hp.inner_epochs):
+            order = torch.randperm(batch, generator=generator).to(self.device)
+            step_order = torch.stack([torch.randperm(steps, generator=generator) for _ in range(batch)]).to(self.device)
+            for start in range(0, batch, hp.train_batch_size):
+                rows = order[start : start + hp.train_batch_size]
+                with self._no_gradient_sync():
+                    for j in range(trained_steps):
+                        terms = self.step_loss(rollouts, rows, step_order[rows, j])
+                        self.manual_backward(terms.loss * scale)
+                        for name in history:
+                            history[name].append(getattr(terms, name).detach())
+                minibatches += 1
+                if minibatches % hp.gradient_accumulation == 0:
+                    optimizer.step()
+                    optimizer.zero_grad()
+        if minibatches % hp.gradient_accumulation:
+            optimizer.step()
+            optimizer.zero_grad()
+        return {name: torch.stack(values).mean() for name, values in history.items()}
+
+    def step_loss(self, rollouts: Rollouts, rows: Tensor, step_index: Tensor):
+        """The clipped surrogate of one denoising step for the samples ``rows`` (each its own step)."""
+        hp = self.hparams
+        latents = rollouts.latents[rows, step_index]
+        next_latents = rollouts.latents[rows, step_index + 1]
+        timesteps = rollouts.timesteps[step_index]
+        eps = self.backbone.predict_noise(latents, timesteps, rollouts.cond[rows.cpu()], hp.guidance_scale)
+        _, log_prob = self.backbone.ddim_step(eps, timesteps, latents, hp.eta, prev_latents=next_latents)
+        return clipped_surrogate(log_prob, rollouts.log_probs[rows, step_index], rollouts.advantages[rows], hp.clip_range)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Gradients arrive here unscaled (under 16-mixed); backward passes ran without DDP's sync.
+        params = lora_parameters(self.backbone.unet)
+        if self.trainer.world_size > 1:
+            for param in params:
+                if param.grad is not None:
+                    dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+                    param.grad /= self.trainer.world_size
+        if self.hparams.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.hparams.max_grad_norm)
+
+    # --------------------------------------------------------------------------- evaluation
+    def validation_step(self, batch: dict, batch_idx: int) -> dict:
+        return self._evaluate("val", batch, batch_idx)
+
+    def test_step(self, batch: dict, batch_idx: int) -> dict:
+        return self._evaluate("test", batch, batch_idx)
+
+    def _evaluate(self, stage: str, batch: dict, batch_idx: int) -> dict:
+        # Fixed noise per batch: validation curves compare the same draws across epochs.
+        generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed + 7919 * batch_idx + self.global_rank)
+        rollouts = self.sample_rollouts(batch, generator)
+        self._log_rewards(stage, rollouts)
+        return {"samples": self._sample_batch(rollouts)}
+
+    # --------------------------------------------------------------------------- helpers
+    def _log_rewards(self, stage: str, rollouts: Rollouts) -> None:
+        for name, values in rollouts.rewards.components.items():
+            on_step = stage == "train"
+            self.log(f"{stage}/reward/{name}", values.mean(), on_step=on_step, on_epoch=not on_step, sync_dist=not on_step,
+                     batch_size=values.numel(), prog_bar=name == "total")
+
+    def _sample_batch(self, rollouts: Rollouts) -> SampleBatch:
+        return SampleBatch(
+            waveforms=rollouts.waveforms.detach().cpu(),
+            sample_rate=self.backbone.sample_rate,
+            prompts=rollouts.prompts,
+            attributes=rollouts.attributes,
+            rewards={k: v.detach().cpu() for k, v in rollouts.rewards.components.items()},
+        )
+
+    def _generator(self, purpose: str) -> torch.Generator:
+        """A generator determined by (seed, epochs sampled, rank, purpose), so resuming repeats the draws."""
+        offset = {"sample": 0, "train": 1}[purpose]
+        seed = self.hparams.seed + 1_000_003 * self.epochs_sampled + 7_919 * self.global_rank + 104_729 * offset
+        return torch.Generator(device=self.device if purpose == "sample" else "cpu").manual_seed(seed)
+
+    def _gather(self, prompts: list[str], rewards: Tensor) -> tuple[list[str], Tensor]:
+        if self._trainer is None or self.trainer.world_size == 1:
+            return prompts, rewards
+        gathered: list[list[str] | None] = [None] * self.trainer.world_size
+        dist.all_gather_object(gathered, prompts)
+        return [p for rank in gathered for p in rank], self.all_gather(rewards).reshape(-1)
+
+    def _no_gradient_sync(self):
+        block = getattr(self.trainer.strategy, "block_backward_sync", None)
+        return block() if block is not None else contextlib.nullcontext()
+
+    # --------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["ddpo"] = {"stat_tracker": self.stat_tracker.state_dict(), "epochs_sampled": self.epochs_sampled}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("ddpo")
+        if state is None:
+            raise ValueError("the checkpoint has no DDPO state (per-prompt statistics, counters): not saved by DDPOModule")
+        self.stat_tracker.load_state_dict(state["stat_tracker"])
+        self.epochs_sampled = state["epochs_sampled"]
+
+
+def _check_positive(**values: float) -> None:
+    for name, value in values.items():
+        if value <= 0:
+            raise ValueError(f"{name} must be > 0, got {value}")

@@ -1,0 +1,50 @@
+"""A weighted sum of named rewards, each also reported on its own (MusicRL-R style combination)."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from rlmusic_pl.rewards.base import Reward
+
+
+class WeightedReward(Reward):
+    """Total = sum over named rewards of weight * that reward's own total.
+
+    Components: each sub-reward's total under its key; a sub-reward made of several components
+    also reports each of them as ``"key/component"``.
+
+    Args:
+        rewards: the rewards to combine, by the name used for logging (no ``.`` in names).
+        weights: weight per reward name; rewards not named here get 1.0.
+        name: the name under which the total is logged.
+    """
+
+    def __init__(self, rewards: dict[str, Reward], weights: dict[str, float] | None = None, name: str = "total") -> None:
+        super().__init__(name)
+        if not rewards:
+            raise ValueError("WeightedReward: `rewards` is empty; give at least one named reward")
+        bad_names = [key for key in rewards if not key or "." in key]
+        if bad_names:
+            raise ValueError(f"WeightedReward: reward names must be non-empty and contain no '.', got {bad_names}")
+        unknown = sorted(set(weights or {}) - set(rewards))
+        if unknown:
+            raise ValueError(f"WeightedReward: weights name unknown rewards {unknown}; the rewards are {sorted(rewards)}")
+        self.rewards = nn.ModuleDict(rewards)
+        self.weights = {key: float((weights or {}).get(key, 1.0)) for key in rewards}
+
+    def forward(self, waveforms: Tensor, sample_rate: int, prompts: list[str], attributes: list[dict[str, str]]) -> Tensor:
+        return self.combine(self.components(waveforms, sample_rate, prompts, attributes))
+
+    def components(
+        self, waveforms: Tensor, sample_rate: int, prompts: list[str], attributes: list[dict[str, str]]
+    ) -> dict[str, Tensor]:
+        values = {}
+        for key, reward in self.rewards.items():
+            parts = reward.components(waveforms, sample_rate, prompts, attributes)
+            values[key] = reward.combine(parts)
+            if len(parts) > 1:
+                values.update({f"{key}/{part}": value for part, value in parts.items()})
+        return values
+
+    def combine(self, components: dict[str, Tensor]) -> Tensor:
+        return sum(weight * components[key] for key, weight in self.weights.items())
