@@ -9,7 +9,7 @@ from lightning import LightningModule
 from torch import nn
 
 from rlmusic_pl.backbone.audioldm2 import AudioLDM2Backbone
-from rlmusic_pl.lora import LoRASettings, add_lora, save_lora
+from rlmusic_pl.lora import LoRASettings, add_lora, copy_adapter, save_lora
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -35,9 +35,12 @@ class AudioLDM2Module(LightningModule):
         lora_targets: ``attention``, ``self_attention``, ``attention+conv``, ``self_attention+conv``
             or a regular expression over UNet module names.
         gradient_checkpointing: recompute UNet activations in the backward pass to save memory.
+        export_to: also copy the exported adapter to this directory at the end of fit (e.g. under
+            ``checkpoints/``); it is always exported to ``<run dir>/adapter``.
     """
 
     trainable_state_prefixes: tuple[str, ...] = ()
+    hparams_ignore: tuple[str, ...] = ()  # constructor arguments that are modules (rewards), not hyperparameters
 
     def __init__(
         self,
@@ -49,8 +52,11 @@ class AudioLDM2Module(LightningModule):
         lora_alpha: float = 4.0,
         lora_targets: str = "attention",
         gradient_checkpointing: bool = False,
+        export_to: str | None = None,
     ) -> None:
         super().__init__()
+        # Called here, it records the subclass's arguments too (Lightning walks the __init__ frames).
+        self.save_hyperparameters(ignore=list(self.hparams_ignore))
         if frozen_dtype not in DTYPES:
             raise ValueError(f"frozen_dtype must be one of {sorted(DTYPES)}, got {frozen_dtype!r}")
         self.backbone: AudioLDM2Backbone | None = None
@@ -122,4 +128,6 @@ class AudioLDM2Module(LightningModule):
 
     def on_fit_end(self) -> None:
         if self.trainer.is_global_zero:
-            self.export_adapter()
+            exported = self.export_adapter()
+            if self.hparams.export_to:
+                copy_adapter(exported, self.hparams.export_to)

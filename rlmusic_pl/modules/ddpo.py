@@ -81,18 +81,12 @@ class DDPOModule(AudioLDM2Module):
         **backbone_args: see ``AudioLDM2Module`` (backbone, LoRA rank/alpha/targets, ...).
     """
 
+    hparams_ignore = ("reward", "monitor_rewards")
+
     def __init__(
         self,
         reward: Reward,
         monitor_rewards: list[Reward] | None = None,
-        backbone: str = "cvssp/audioldm2-music",
-        backbone_seed: int = 0,
-        frozen_dtype: str = "float32",
-        text_length: int = 64,
-        lora_rank: int = 4,
-        lora_alpha: float = 4.0,
-        lora_targets: str = "attention",
-        gradient_checkpointing: bool = False,
         duration_s: float = 10.0,
         num_steps: int = 19,
         guidance_scale: float = 3.5,
@@ -114,9 +108,9 @@ class DDPOModule(AudioLDM2Module):
         gradient_accumulation: int = 1,
         max_grad_norm: float = 1.0,
         seed: int = 0,
+        **backbone_args,
     ) -> None:
-        super().__init__(backbone, backbone_seed, frozen_dtype, text_length, lora_rank, lora_alpha, lora_targets, gradient_checkpointing)
-        self.save_hyperparameters(ignore=["reward", "monitor_rewards"])
+        super().__init__(**backbone_args)
         _check_positive(num_steps=num_steps, samples_per_prompt=samples_per_prompt, sample_batch_size=sample_batch_size,
                         train_batch_size=train_batch_size, inner_epochs=inner_epochs, gradient_accumulation=gradient_accumulation,
                         duration_s=duration_s, eta=eta, clip_range=clip_range)

@@ -141,7 +141,9 @@ def test_laion_key_names_map_to_transformers():
         "audio_model.audio_encoder.layers.0.blocks.0.layernorm_before.weight"
     )
     assert laion_key_to_transformers("audio_branch.bn0.running_var") == "audio_model.audio_encoder.batch_norm.running_var"
-    assert laion_key_to_transformers("audio_branch.patch_embed.proj.weight") == "audio_model.audio_encoder.patch_embed.proj.weight"
+    assert laion_key_to_transformers("audio_branch.patch_embed.proj.weight") == (
+        "audio_model.audio_encoder.patch_embed.proj.weight"
+    )
     assert laion_key_to_transformers("audio_branch.layers.0.downsample.norm.bias") == (
         "audio_model.audio_encoder.layers.0.downsample.norm.bias"
     )
@@ -170,34 +172,41 @@ def test_fused_qkv_is_split_and_laion_only_parts_are_dropped():
     torch.testing.assert_close(converted[prefix + "key.weight"], qkv[2:4])
 
 
+# transformers -> laion-clap names, written independently of the conversion under test.
+TO_LAION = [
+    ("audio_model.audio_encoder.batch_norm.", "audio_branch.bn0."),
+    ("audio_model.audio_encoder.", "audio_branch."),
+    (".attention.output.dense.", ".attn.proj."),
+    (".attention.self.", ".attn."),
+    (".intermediate.dense.", ".mlp.fc1."),
+    (".output.dense.", ".mlp.fc2."),
+    (".layernorm_before.", ".norm1."),
+    (".layernorm_after.", ".norm2."),
+    ("_projection.linear1.", "_projection.0."),
+    ("_projection.linear2.", "_projection.2."),
+]
+
+
+def to_laion_name(key):
+    if key.startswith("text_model."):  # laion's text tower is a transformers RoBERTa already
+        return "text_branch." + key.removeprefix("text_model.")
+    for old, new in TO_LAION:
+        key = key.replace(old, new)
+    return key
+
+
 def to_laion_layout(hf_state_dict):
-    """The inverse of the conversion, written independently: a ClapModel state dict in laion-clap's layout."""
-    renames = [
-        ("text_model.", "text_branch."),
-        ("audio_model.audio_encoder.batch_norm.", "audio_branch.bn0."),
-        ("audio_model.audio_encoder.", "audio_branch."),
-        (".attention.output.dense.", ".attn.proj."),
-        (".attention.self.", ".attn."),
-        (".intermediate.dense.", ".mlp.fc1."),
-        (".output.dense.", ".mlp.fc2."),
-        (".layernorm_before.", ".norm1."),
-        (".layernorm_after.", ".norm2."),
-        ("_projection.linear1.", "_projection.0."),
-        ("_projection.linear2.", "_projection.2."),
-    ]
+    """A ClapModel state dict as laion-clap saves it: fused qkv, "module." prefixes, extra laion-only parts."""
     laion = {}
     for key, value in hf_state_dict.items():
         if key.endswith("embeddings.token_type_ids"):
             continue  # older checkpoints do not store it
-        new = key
-        for old, replacement in renames:
-            if not new.startswith("text_branch.") or old in ("text_model.",):
-                new = new.replace(old, replacement)
-        if new.endswith((".attn.query.weight", ".attn.query.bias")):
-            parts = [hf_state_dict[key.replace(".query.", f".{p}.")] for p in ("query", "key", "value")]
-            laion["module." + new.replace(".query.", ".qkv.")] = torch.cat(parts)
-        elif not new.endswith((".attn.key.weight", ".attn.key.bias", ".attn.value.weight", ".attn.value.bias")):
-            laion["module." + new] = value
+        name = "module." + to_laion_name(key)
+        if ".attn.query." in name:
+            parts = [hf_state_dict[key.replace(".query.", f".{part}.")] for part in ("query", "key", "value")]
+            laion[name.replace(".query.", ".qkv.")] = torch.cat(parts)
+        elif ".attn.key." not in name and ".attn.value." not in name:
+            laion[name] = value
     laion["module.audio_branch.spectrogram_extractor.stft.conv_real.weight"] = torch.randn(513, 1, 1024)
     laion["module.audio_branch.logmel_extractor.melW"] = torch.randn(1024, 64)
     laion["module.audio_branch.tscam_conv.weight"] = torch.randn(3, 3)
@@ -206,17 +215,29 @@ def to_laion_layout(hf_state_dict):
 
 
 @pytest.fixture(scope="module")
-def laion_state_dict():
-    model, _ = tiny_clap(seed=0)
-    return to_laion_layout(model.state_dict())
+def distinct_reward():
+    """A tiny CLAP reward whose every weight is distinct (fresh LayerNorms are all ones: swaps would go unseen)."""
+    reward = CLAPReward(model="tiny")
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for tensor in reward.model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.add_(0.1 * torch.rand(tensor.shape, generator=generator))  # positive: running_var stays valid
+    return reward
 
 
-def test_laion_checkpoint_round_trip(reward, waveforms, laion_state_dict, tmp_path):
+@pytest.fixture(scope="module")
+def laion_state_dict(distinct_reward):
+    return to_laion_layout(distinct_reward.model.state_dict())
+
+
+def test_laion_checkpoint_round_trip(distinct_reward, waveforms, laion_state_dict, tmp_path):
     path = tmp_path / "music_audioset_epoch_15_esc_90.14.pt"
     torch.save({"epoch": 15, "state_dict": laion_state_dict}, path)
-    loaded = CLAPReward(model="tiny", seed=1, checkpoint=str(path))  # seed 1: every weight must come from the file
-    assert not torch.allclose(score(CLAPReward(model="tiny", seed=1), waveforms), score(reward, waveforms))
-    torch.testing.assert_close(score(loaded, waveforms), score(reward, waveforms))
+    expected = score(distinct_reward, waveforms)
+    assert not torch.allclose(score(CLAPReward(model="tiny", seed=1), waveforms), expected)
+    loaded = CLAPReward(model="tiny", seed=1, checkpoint=str(path))
+    torch.testing.assert_close(score(loaded, waveforms), expected)
 
 
 def test_laion_checkpoint_that_does_not_fit_lists_the_keys(laion_state_dict, tmp_path):
