@@ -2,13 +2,23 @@
 
 The model and the data module are chosen by ``class_path`` in the YAML config (subclass mode),
 e.g. ``model: {class_path: rlmusic_pl.modules.DDPOModule, init_args: {...}}``.
+
+Data commands run before the LightningCLI (``--help`` on each describes it):
+``python -m rlmusic_pl prepare SOURCE OUT`` (audio folder -> log-mel features + manifest) and
+``python -m rlmusic_pl synthesize OUT`` (synthetic bright/dull contrasting sets).
 """
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
+
+from rlmusic_pl.data import prepare, synthetic
+
+DATA_COMMANDS = {"prepare": prepare.main, "synthesize": synthetic.main}
 
 
 class RLMusicCLI(LightningCLI):
@@ -30,5 +40,8 @@ def _has_omegaconf() -> bool:
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``python -m rlmusic_pl`` and the ``rlmusic-pl`` script."""
+    argv = sys.argv[1:] if args is None else args
+    if argv and argv[0] in DATA_COMMANDS:
+        sys.exit(DATA_COMMANDS[argv[0]](argv[1:]))
     torch.set_float32_matmul_precision("high")
     RLMusicCLI(args=args)

@@ -24,6 +24,7 @@ import torch
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -68,20 +69,30 @@ class LoRASettings:
 
 
 class ScaleLayer(nn.Module):
-    """Multiplies a LoRA layer's update by ``strength * gain`` (gain per output channel or per layer)."""
+    """Multiplies a LoRA layer's update by ``strength * gain`` (gain per output channel or per layer).
+
+    ``strength`` is a float, or a tensor [B] of one strength per sample, so one UNet call can run
+    several strengths; it also applies, tiled, to a batch that repeats the B samples (the guided
+    [negative, positive] batch).
+    """
 
     def __init__(self, channels: int, per_channel: bool = True) -> None:
         super().__init__()
         self.gain = nn.Parameter(torch.ones(channels if per_channel else 1), requires_grad=False)
-        self.strength = 1.0
+        self.strength: float | Tensor = 1.0
 
-    def factor(self, dim: int) -> Tensor:
-        # Linear outputs are [..., C]; conv outputs are [B, C, H, W].
-        gain = self.gain * self.strength
-        return gain.view(-1, 1, 1) if dim == 4 else gain
+    def factor(self, dim: int, batch: int) -> Tensor:
+        # Linear outputs are [B, ..., C]; conv outputs are [B, C, H, W].
+        gain = self.gain.view(-1, 1, 1) if dim == 4 else self.gain
+        if not isinstance(self.strength, Tensor):
+            return gain * self.strength
+        strengths = self.strength.to(gain.device)
+        if batch % strengths.numel():
+            raise LoRAError(f"{strengths.numel()} per-sample LoRA strengths do not fit a batch of {batch}")
+        return strengths.repeat(batch // strengths.numel()).view(-1, *(1,) * (dim - 1)) * gain
 
     def hook(self, module: nn.Module, inputs, output: Tensor) -> Tensor:
-        return output * self.factor(output.dim()).to(output.dtype)
+        return output * self.factor(output.dim(), output.shape[0]).to(output.dtype)
 
 
 def lora_layers(unet: nn.Module) -> dict[str, LoraLayer]:
@@ -140,15 +151,17 @@ def scale_parameters(unet: nn.Module) -> list[nn.Parameter]:
     return [layer.gain for layer in scale_layers(unet).values()]
 
 
-def set_strength(unet: nn.Module, strength: float) -> None:
-    """Set the signed LoRA strength of every layer (0 = the base model)."""
+def set_strength(unet: nn.Module, strength: float | Tensor) -> None:
+    """Set the signed LoRA strength of every layer (0 = the base model), or one per sample (a tensor [B])."""
+    if isinstance(strength, Tensor) and strength.dim() != 1:
+        raise LoRAError(f"per-sample LoRA strengths must be a tensor [batch], got shape {tuple(strength.shape)}")
     for layer in scale_layers(unet).values():
-        layer.strength = float(strength)
+        layer.strength = strength.detach() if isinstance(strength, Tensor) else float(strength)
 
 
 @contextmanager
-def lora_strength(unet: nn.Module, strength: float):
-    """Temporarily set the LoRA strength."""
+def lora_strength(unet: nn.Module, strength: float | Tensor):
+    """Temporarily set the LoRA strength (a float, or one per sample: a tensor [B])."""
     previous = {name: layer.strength for name, layer in scale_layers(unet).items()}
     set_strength(unet, strength)
     try:
@@ -172,7 +185,12 @@ def save_lora(unet: nn.Module, directory: str | Path, extra_metadata: dict | Non
     """Save the adapter in diffusers' format plus the scale layers; returns the directory."""
     directory = Path(directory)
     settings = lora_settings(unet)
-    weights = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(unet, adapter_name=ADAPTER).items()}
+    # peft also returns the scale layers (submodules of its layers): they go to their own file.
+    weights = {
+        k: v.detach().float().cpu().contiguous()
+        for k, v in get_peft_model_state_dict(unet, adapter_name=ADAPTER).items()
+        if ".lora_A." in k or ".lora_B." in k
+    }
     metadata = {"r": settings.rank, "lora_alpha": settings.alpha, "target_modules": resolve_targets(unet, settings)}
     gains = {name: layer.gain.detach().float().cpu().contiguous() for name, layer in scale_layers(unet).items()}
     info = {"settings": asdict(settings), **(extra_metadata or {})}
@@ -187,11 +205,15 @@ def save_lora(unet: nn.Module, directory: str | Path, extra_metadata: dict | Non
 
 def read_adapter_info(directory: str | Path) -> dict:
     """The settings and extra metadata saved with an adapter directory."""
-    path = _adapter_file(directory, SCALE_WEIGHTS)
-    from safetensors import safe_open
+    return _file_metadata(_adapter_file(directory, SCALE_WEIGHTS), "rlmusic_pl")
 
-    with safe_open(str(path), framework="pt") as handle:
-        return json.loads((handle.metadata() or {}).get("rlmusic_pl", "{}"))
+
+def _file_metadata(path: Path, key: str) -> dict:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return json.loads((handle.metadata() or {}).get(key, "{}"))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise LoRAError(f"{path}: not a readable safetensors file ({err})") from err
 
 
 def _adapter_file(directory: str | Path, name: str) -> Path:
@@ -225,7 +247,7 @@ def load_lora(unet: nn.Module, directory: str | Path, settings: LoRASettings | N
     """
     state = read_lora_state_dict(directory)
     info = read_adapter_info(directory) if (Path(directory) / SCALE_WEIGHTS).is_file() else {}
-    saved = LoRASettings(**info["settings"]) if "settings" in info else _settings_from_weights(state)
+    saved = LoRASettings(**info["settings"]) if "settings" in info else _settings_from_weights(state, Path(directory) / LORA_WEIGHTS)
     wanted = settings or getattr(unet, "_rl_lora_settings", None) or saved
     _check_compatible(directory, saved, wanted)
     if not lora_layers(unet):
@@ -239,9 +261,11 @@ def load_lora(unet: nn.Module, directory: str | Path, settings: LoRASettings | N
     return wanted
 
 
-def _settings_from_weights(state: dict[str, Tensor]) -> LoRASettings:
+def _settings_from_weights(state: dict[str, Tensor], path: Path) -> LoRASettings:
     rank = next(v.shape[0] for k, v in state.items() if "lora_A" in k)
-    return LoRASettings(rank=rank, alpha=float(rank), targets="(" + "|".join(re.escape(k.split(".lora_")[0]) for k in state if "lora_A" in k) + ")")
+    # diffusers stores the LoRA config (alpha included) as adapter metadata; files without it use alpha = rank.
+    alpha = float(_file_metadata(path, "lora_adapter_metadata").get("unet.lora_alpha", rank))
+    return LoRASettings(rank=rank, alpha=alpha, targets="(" + "|".join(re.escape(k.split(".lora_")[0]) for k in state if "lora_A" in k) + ")")
 
 
 def _check_compatible(directory, saved: LoRASettings, wanted: LoRASettings) -> None:

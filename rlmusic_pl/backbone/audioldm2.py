@@ -117,11 +117,14 @@ class AudioLDM2Backbone(nn.Module):
         return self.sample_rate / AUDIOLDM_MEL.hop_length
 
     def num_samples(self, duration_s: float) -> int:
-        return int(duration_s * self.sample_rate)
+        # round, not int: 1.005 * 16000 is 16079.999... in floating point
+        return round(duration_s * self.sample_rate)
 
     def latent_shape(self, duration_s: float) -> tuple[int, int, int]:
         """(channels, time, frequency) of the latents for ``duration_s`` seconds of audio."""
-        frames = math.ceil(int(duration_s * self.mel_frames_per_second) / self.vae_scale_factor)
+        # Enough mel frames to cover every requested sample, rounded up to the VAE's factor.
+        mel_frames = math.ceil(self.num_samples(duration_s) / AUDIOLDM_MEL.hop_length)
+        frames = math.ceil(mel_frames / self.vae_scale_factor)
         return (self.unet.config.in_channels, frames, self.vocoder.config.model_in_dim // self.vae_scale_factor)
 
     def initial_latents(self, batch: int, duration_s: float, generator: torch.Generator | None = None) -> Tensor:

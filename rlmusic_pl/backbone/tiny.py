@@ -79,9 +79,13 @@ def tiny_unet() -> AudioLDM2UNet2DConditionModel:
 
 def tiny_vae() -> AutoencoderKL:
     # Three blocks give the real model's scale factor of 4 (64 mel bins -> 16 latent columns).
+    # scaling_factor: like the real model's, it gives the latents of music log-mels about unit
+    # variance (0.18, diffusers' default, gives std 0.04: data the noise would drown, so a slider
+    # trained on it learns nothing about the data).
     return AutoencoderKL(
         in_channels=1, out_channels=1, latent_channels=8, block_out_channels=(8, 16, 16), layers_per_block=1,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=8,
+        scaling_factor=4.0,
     )
 
 

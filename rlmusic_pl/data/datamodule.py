@@ -9,6 +9,7 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from rlmusic_pl.data.contrast import ContrastDataset, ContrastSets
 from rlmusic_pl.data.prompts import PromptError, PromptItem, expand_template, load_prompt_file, parse_entry
 
 SPLITS = ("train", "val", "test", "predict")
@@ -70,6 +71,10 @@ class PromptAttributeDataModule(LightningDataModule):
         num_workers: DataLoader worker processes (0 loads in the main process).
         repeats: How many times the training prompts repeat per epoch, so that a short prompt list
             makes a longer epoch.
+        contrast: Contrasting sets of one attribute for the Stage-1 slider (``ContrastSets`` or
+            ``SyntheticContrastSets``). Each training item then also holds ``positive_mel`` and
+            ``negative_mel`` (log-mel segments [frames, 64]) and ``contrast`` (the attribute and its
+            sides' labels); an epoch covers every prompt and every pair (see ``ContrastDataset``).
     """
 
     def __init__(
@@ -85,6 +90,7 @@ class PromptAttributeDataModule(LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         repeats: int = 1,
+        contrast: ContrastSets | None = None,
     ) -> None:
         super().__init__()
         for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
@@ -95,7 +101,8 @@ class PromptAttributeDataModule(LightningDataModule):
                 raise PromptError(f"{name} must be at least 1, got {count}")
         if template_values and template is None:
             raise PromptError("template_values given without a template")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["contrast"])
+        self.contrast = contrast
         self.items: list[PromptItem] | None = None
         self.splits: dict[str, list[PromptItem]] | None = None
 
@@ -158,6 +165,8 @@ class PromptAttributeDataModule(LightningDataModule):
 
     def build_dataset(self, items: list[PromptItem], split: str) -> Dataset:
         """The dataset of one split (``split`` is one of SPLITS); override to attach more to each item."""
+        if self.contrast is not None and split == "train":
+            return ContrastDataset(items, self.contrast.pairs(), self.contrast.labels())
         return items  # a list is a map-style dataset
 
     def train_dataloader(self) -> DataLoader:

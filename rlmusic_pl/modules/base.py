@@ -110,10 +110,17 @@ class AudioLDM2Module(LightningModule):
             )
 
     # ------------------------------------------------------------------------ export
+    def setup(self, stage: str) -> None:
+        # trainer.log_dir is a collective call under DDP: resolve it here, on every rank, never on rank 0 alone.
+        self._run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+
     @property
     def run_dir(self) -> Path:
-        trainer = self.trainer
-        return Path(trainer.log_dir or trainer.default_root_dir) if trainer is not None else Path(".")
+        """The run's directory (the logger's version directory, else ``default_root_dir``)."""
+        run_dir = getattr(self, "_run_dir", None)
+        if run_dir is None:
+            raise RuntimeError("run_dir is known only once a Trainer has set this module up")
+        return run_dir
 
     @property
     def adapter_dir(self) -> Path:

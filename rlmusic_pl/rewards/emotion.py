@@ -202,7 +202,8 @@ class EmotionReward(Reward):
             ``module.``/``model.`` prefixes are stripped). Loaded once, here. None: random weights
             (deterministic by ``seed``) for tests and demos, with a warning.
         mode: "value": p[target] - p[predicted], dense in [-1, 0]; "label": 1 if the predicted
-            class is the target else 0 (sparse; seed 001 found it worse).
+            class is the target else 0 (sparse; seed 001 found it worse); "probability": p[target]
+            (a metric for sweeps: how much the clip sounds like the target emotion).
         attribute: the prompt attribute holding the target emotion.
         name: the name under which this reward is reported.
         n_channels: classifier width (EMOPIA: 128; e.g. 8 for a tiny random classifier).
@@ -213,7 +214,7 @@ class EmotionReward(Reward):
     def __init__(
         self,
         checkpoint: str | None = None,
-        mode: Literal["value", "label"] = "value",
+        mode: Literal["value", "label", "probability"] = "value",
         attribute: str = "emotion",
         name: str = "emotion",
         n_channels: int = 128,
@@ -221,8 +222,8 @@ class EmotionReward(Reward):
         seed: int = 0,
     ) -> None:
         super().__init__(name)
-        if mode not in ("value", "label"):
-            raise RewardError(f"reward {name!r}: mode must be 'value' or 'label', got {mode!r}")
+        if mode not in ("value", "label", "probability"):
+            raise RewardError(f"reward {name!r}: mode must be 'value', 'label' or 'probability', got {mode!r}")
         self.mode = mode
         self.attribute = attribute
         self.mel_config = emopia_mel_config(f_max)
@@ -273,4 +274,5 @@ class EmotionReward(Reward):
         probs = self.probabilities(waveforms, sample_rate)
         if self.mode == "label":
             return (probs.argmax(dim=-1) == targets).float()
-        return probs.gather(1, targets[:, None]).squeeze(1) - probs.amax(dim=-1)
+        target_probability = probs.gather(1, targets[:, None]).squeeze(1)
+        return target_probability if self.mode == "probability" else target_probability - probs.amax(dim=-1)

@@ -104,7 +104,7 @@ reward:
       bright: 0.001
 """
     )
-    reward = parser.instantiate_classes(config).reward
+    reward = parser.instantiate(config).reward
     assert isinstance(reward, WeightedReward)
     assert reward.rewards["loud"].target_db == -20.0
     assert reward.weights == {"loud": 1.0, "bright": 0.001}

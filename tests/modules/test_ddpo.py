@@ -1,0 +1,122 @@
+"""DDPOModule in real Lightning runs on the tiny backbone: resume, bad rewards, DDP on two CPU processes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning import Callback, Trainer
+
+from rlmusic_pl.data import PromptAttributeDataModule
+from rlmusic_pl.modules import CheckpointError, DDPOModule
+from rlmusic_pl.rewards import Reward, RewardError, SpectralCentroidReward
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = dict(backbone="tiny", duration_s=0.5, num_steps=3, samples_per_prompt=2, sample_batch_size=4, train_batch_size=2,
+            stat_min_count=2, learning_rate=1e-3, clip_range=0.2)
+
+
+def data(**kwargs) -> PromptAttributeDataModule:
+    return PromptAttributeDataModule(
+        template="a {emotion} piano", template_values={"emotion": ["happy", "sad"]}, negative_prompt="noise", batch_size=2, **kwargs
+    )
+
+
+class LossRecorder(Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(trainer.callback_metrics["train/loss"].item())
+
+
+def trainer(tmp_path, max_epochs: int, **kwargs) -> Trainer:
+    return Trainer(accelerator="cpu", max_epochs=max_epochs, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, **kwargs)
+
+
+def test_resumed_training_gives_the_same_next_step_loss(tmp_path):
+    uninterrupted = LossRecorder()
+    trainer(tmp_path / "a", 3, callbacks=[uninterrupted], enable_checkpointing=False).fit(DDPOModule(SpectralCentroidReward(), **TINY), data())
+
+    first = trainer(tmp_path / "b", 2)
+    first.fit(DDPOModule(SpectralCentroidReward(), **TINY), data())
+    checkpoint = next((tmp_path / "b").rglob("*.ckpt"))
+    resumed = LossRecorder()
+    trainer(tmp_path / "b", 3, callbacks=[resumed], enable_checkpointing=False).fit(
+        DDPOModule(SpectralCentroidReward(), **TINY), data(), ckpt_path=checkpoint
+    )
+    assert len(uninterrupted.losses) == 3 and len(resumed.losses) == 1
+    assert resumed.losses[0] == pytest.approx(uninterrupted.losses[2], rel=1e-5, abs=1e-7)
+    assert resumed.losses[0] != pytest.approx(uninterrupted.losses[1], rel=1e-3)
+
+
+def test_checkpoint_holds_trainable_state_and_ddpo_state_only(tmp_path):
+    trainer(tmp_path, 1).fit(DDPOModule(SpectralCentroidReward(), **TINY), data())
+    checkpoint = torch.load(next(tmp_path.rglob("*.ckpt")), weights_only=False)
+    assert checkpoint["state_dict"] and all(".lora_" in k or ".rl_scale." in k for k in checkpoint["state_dict"])
+    assert set(checkpoint["ddpo"]["stat_tracker"]["buffers"]) == {"a happy piano", "a sad piano"}
+    assert (tmp_path / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_resume_from_a_checkpoint_without_lora_is_an_error(tmp_path):
+    trainer(tmp_path, 1).fit(DDPOModule(SpectralCentroidReward(), **TINY), data())
+    path = next(tmp_path.rglob("*.ckpt"))
+    checkpoint = torch.load(path, weights_only=False)
+    checkpoint["state_dict"] = {}
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointError, match="lacks"):
+        trainer(tmp_path, 2).fit(DDPOModule(SpectralCentroidReward(), **TINY), data(), ckpt_path=path)
+
+
+class NaNReward(Reward):
+    def __init__(self) -> None:
+        super().__init__("broken_judge")
+
+    def forward(self, waveforms, sample_rate, prompts, attributes):
+        values = torch.zeros(waveforms.shape[0])
+        values[0] = float("nan")
+        return values
+
+
+def test_a_nan_reward_stops_training_with_an_error_naming_the_reward(tmp_path):
+    module = DDPOModule(NaNReward(), **TINY)
+    with pytest.raises(RewardError, match="broken_judge.*NaN"):
+        trainer(tmp_path, 1).fit(module, data())
+
+
+def test_monitor_rewards_are_logged_but_not_optimised(tmp_path):
+    from rlmusic_pl.rewards import LoudnessReward
+
+    module = DDPOModule(SpectralCentroidReward(), monitor_rewards=[LoudnessReward()], **TINY)
+    run = trainer(tmp_path, 1)
+    run.fit(module, data())
+    assert "train/reward/monitor/loudness" in run.callback_metrics
+    assert "train/reward/total" in run.callback_metrics
+
+
+def test_group_advantages_need_several_samples_per_prompt():
+    with pytest.raises(ValueError, match="samples_per_prompt"):
+        DDPOModule(SpectralCentroidReward(), advantage="group", samples_per_prompt=1, backbone="tiny")
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_keeps_ranks_in_agreement(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1", "RANK_STATE_DIR": str(tmp_path)}
+    command = [
+        sys.executable, "-m", "rlmusic_pl", "fit", "--config", str(ROOT / "configs/tiny/ddpo_centroid.yaml"),
+        "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.max_epochs=2", f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.limit_val_batches=0", "--trainer.callbacks+=ddp_rank_state.RankState", "--trainer.enable_progress_bar=false",
+        "--model.duration_s=0.5", "--model.num_steps=3", "--model.stat_min_count=2", "--data.batch_size=1",
+    ]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    states = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert states[0]["stat_tracker"] == states[1]["stat_tracker"]  # gathered prompts and rewards
+    assert sum(len(v) for v in states[0]["stat_tracker"]["buffers"].values()) == 2 * 2 * 2 * 2  # ranks x prompts x samples x epochs
+    assert states[0]["lora_sum"] == pytest.approx(states[1]["lora_sum"], rel=1e-6)  # synchronised gradients
+    assert states[0]["lora_sum"] != pytest.approx(states[0]["lora_sum_at_start"], rel=1e-6)  # and they did train

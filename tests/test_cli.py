@@ -1,0 +1,138 @@
+"""``python -m rlmusic_pl``: help of every subcommand, documented module arguments, and tiny end-to-end fits."""
+
+import inspect
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlmusic_pl.cli import main
+from rlmusic_pl.lora import LORA_WEIGHTS, read_adapter_info
+from rlmusic_pl.modules import AudioLDM2Module, DDPOModule
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_DDPO = str(ROOT / "configs" / "tiny" / "ddpo_centroid.yaml")
+FAST = [
+    "--trainer.max_steps=1", "--trainer.max_epochs=1", "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
+    "--model.num_steps=2", "--model.duration_s=1.0", "--data.batch_size=1", "--model.samples_per_prompt=2",
+    "--model.sample_batch_size=2", "--model.train_batch_size=2", "--model.stat_min_count=1", "--model.advantage=batch",
+]
+
+
+@pytest.fixture(autouse=True)
+def clean_argv(monkeypatch):
+    # LightningCLI warns when pytest's own arguments sit next to the args given to it.
+    monkeypatch.setattr(sys, "argv", ["rlmusic_pl"])
+
+
+def run_cli(args: list[str], capsys) -> str:
+    """Run the CLI in-process; return what it printed. Help exits with status 0."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(args=args)
+    assert exit_info.value.code in (0, None), capsys.readouterr().err
+    return capsys.readouterr().out
+
+
+def test_module_entry_point_help_runs_in_a_subprocess():
+    result = subprocess.run([sys.executable, "-m", "rlmusic_pl", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for subcommand in ("fit", "validate", "test", "predict"):
+        assert subcommand in result.stdout
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "validate", "test", "predict"])
+def test_subcommand_help_exits_cleanly(subcommand, capsys):
+    out = run_cli([subcommand, "--help"], capsys)
+    assert "--model" in out and "--data" in out and "--trainer" in out
+
+
+def documented_argument_names() -> list[str]:
+    names = []
+    for cls in (DDPOModule, AudioLDM2Module):
+        for name, param in inspect.signature(cls.__init__).parameters.items():
+            if name != "self" and param.kind not in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
+                names.append(name)
+    return names
+
+
+def undocumented_options(help_text: str, prefix: str) -> dict[str, str]:
+    """Options whose help entry has no description before jsonargparse's ``(type: ...)`` note."""
+    undocumented = {}
+    for entry in re.split(rf"\n\s+(?={re.escape(prefix)})", help_text):
+        words = entry.split()
+        if not words or not words[0].startswith(prefix) or "(type:" not in entry and "(required, type:" not in entry:
+            continue
+        before_type = " ".join(words).split("(type:")[0].split("(required, type:")[0].split()
+        # Drop the synopsis: the option names and their metavars (UPPER_CASE, {choices}, [ITEM,...]).
+        description = [w for w in before_type if not (w.startswith(prefix) or re.fullmatch(r"[A-Z_]+,?|\{.*\}|\[.*\]", w))]
+        if not description:
+            undocumented[words[0]] = entry
+    return undocumented
+
+
+def test_every_ddpo_argument_is_documented_in_the_help(capsys):
+    out = run_cli(["fit", "--config", TINY_DDPO, "--model.help", "rlmusic_pl.modules.DDPOModule"], capsys)
+    names = documented_argument_names()
+    assert {"reward", "num_steps", "lora_rank", "backbone", "export_to"} <= set(names)
+    for name in names:
+        assert re.search(rf"--model\.{name}\b", out), f"--model.{name} missing from the help"
+    assert undocumented_options(out, "--model.") == {}
+
+
+def test_the_documentation_check_can_fail():
+    help_text = "  --model.eta ETA       (type: float, default: 1.0)\n  --model.seed SEED     the seed. (type: int, default: 0)\n"
+    assert list(undocumented_options(help_text, "--model.")) == ["--model.eta"]
+
+
+# ------------------------------------------------------------------------------ end to end
+def adapter_dirs(root: Path) -> list[Path]:
+    return sorted(p.parent for p in root.rglob(LORA_WEIGHTS) if p.parent.name == "adapter")
+
+
+def lora_rank_in_file(adapter: Path) -> int:
+    state = load_file(str(adapter / LORA_WEIGHTS))
+    return next(v.shape[0] for k, v in state.items() if ".lora_A." in k)
+
+
+@pytest.mark.slow
+def test_fit_twice_into_one_run_directory_exports_adapters_and_applies_overrides(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths of the config land in the test's directory
+    root = tmp_path / "runs"
+    base = ["fit", "--config", TINY_DDPO, f"--trainer.default_root_dir={root}", *FAST]
+
+    main(args=base)
+    first = adapter_dirs(root)
+    assert len(first) == 1, list(root.rglob("*"))
+    assert (first[0].parent / "config.yaml").is_file()
+    assert read_adapter_info(first[0])["settings"]["rank"] == 4
+
+    main(args=[*base, "--model.lora_rank=8", "--model.lora_targets=self_attention"])
+    second = [d for d in adapter_dirs(root) if d not in first]
+    assert len(second) == 1
+    info = read_adapter_info(second[0])
+    assert info["settings"]["rank"] == 8 and info["settings"]["targets"] == "self_attention"
+    assert info["kind"] == "DDPOModule" and info["backbone"] == "tiny"
+    assert lora_rank_in_file(second[0]) == 8
+    assert not any(".attn2." in k for k in load_file(str(second[0] / LORA_WEIGHTS)))
+    assert lora_rank_in_file(first[0]) == 4, "the second run must not overwrite the first run's adapter"
+
+
+@pytest.mark.slow
+def test_fit_twice_without_a_logger_overwrites_the_saved_config_and_exports_to(tmp_path, monkeypatch):
+    # Without a logger the run directory is default_root_dir itself: the second run meets the first's config.yaml.
+    monkeypatch.chdir(tmp_path)
+    root, export = tmp_path / "runs", tmp_path / "checkpoints" / "ddpo_tiny"
+    base = ["fit", "--config", TINY_DDPO, f"--trainer.default_root_dir={root}", "--trainer.logger=false", *FAST, f"--model.export_to={export}"]
+    main(args=base)
+    main(args=[*base, "--model.lora_rank=8"])
+
+    assert (root / "config.yaml").is_file() and "lora_rank: 8" in (root / "config.yaml").read_text()
+    assert adapter_dirs(root) == [root / "adapter"]
+    assert lora_rank_in_file(root / "adapter") == 8
+    original, copied = load_file(str(root / "adapter" / LORA_WEIGHTS)), load_file(str(export / LORA_WEIGHTS))
+    assert original.keys() == copied.keys() and all(torch.equal(original[k], copied[k]) for k in original)
+    assert read_adapter_info(export)["settings"]["rank"] == 8
