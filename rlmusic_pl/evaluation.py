@@ -11,12 +11,11 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassStatScores
-from torchmetrics.functional.image import structural_similarity_index_measure
 
-from rlmusic_pl.data.audio import AUDIOLDM_MEL, log_mel, resample
 from rlmusic_pl.rewards.base import Reward
 from rlmusic_pl.rewards.clap import CLAPReward
 from rlmusic_pl.rewards.emotion import EMOTIONS, EmotionReward, emotion_index
+from rlmusic_pl.rewards.stability import mel_ssim, normalized_log_mels  # noqa: F401 (defined with the Stage-2 stability reward)
 
 
 class MusicEvaluator(nn.Module):
@@ -81,23 +80,3 @@ class MusicEvaluator(nn.Module):
     def reset(self) -> None:
         self.clap_similarity.reset()
         self.emotion_stats.reset()
-
-
-def normalized_log_mels(waveforms: Tensor, reference: Tensor, sample_rate: int) -> tuple[Tensor, Tensor]:
-    """AudioLDM log-mels [B, 1, n_mels, frames] of both clips, scaled together per pair into [0, 1].
-
-    Each pair shares one affine map, so a clip that is louder than its reference stays brighter.
-    """
-    mels = [log_mel(resample(w.float(), sample_rate, AUDIOLDM_MEL.sample_rate), AUDIOLDM_MEL).transpose(1, 2).unsqueeze(1) for w in (waveforms, reference)]
-    low = torch.minimum(mels[0].amin(dim=(1, 2, 3)), mels[1].amin(dim=(1, 2, 3))).view(-1, 1, 1, 1)
-    high = torch.maximum(mels[0].amax(dim=(1, 2, 3)), mels[1].amax(dim=(1, 2, 3))).view(-1, 1, 1, 1)
-    scale = (high - low).clamp(min=1e-8)
-    return (mels[0] - low) / scale, (mels[1] - low) / scale
-
-
-def mel_ssim(waveforms: Tensor, reference: Tensor, sample_rate: int) -> Tensor:
-    """SSIM [B] between the log-mels of ``waveforms`` [B, T] and ``reference`` [B, T] (1 = identical)."""
-    if waveforms.shape != reference.shape:
-        raise ValueError(f"mel_ssim: clips {tuple(waveforms.shape)} and references {tuple(reference.shape)} differ in shape")
-    mels, reference_mels = normalized_log_mels(waveforms, reference, sample_rate)
-    return structural_similarity_index_measure(mels, reference_mels, data_range=1.0, reduction="none").float()

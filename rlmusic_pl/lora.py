@@ -73,26 +73,37 @@ class ScaleLayer(nn.Module):
 
     ``strength`` is a float, or a tensor [B] of one strength per sample, so one UNet call can run
     several strengths; it also applies, tiled, to a batch that repeats the B samples (the guided
-    [negative, positive] batch).
+    [negative, positive] batch). ``modulation`` (None, or a tensor [B] or [B, C], tiled the same way)
+    further multiplies the factor per sample: Stage 2's gain schedule sets it at every UNet call.
     """
 
     def __init__(self, channels: int, per_channel: bool = True) -> None:
         super().__init__()
         self.gain = nn.Parameter(torch.ones(channels if per_channel else 1), requires_grad=False)
         self.strength: float | Tensor = 1.0
+        self.modulation: Tensor | None = None
 
     def factor(self, dim: int, batch: int) -> Tensor:
         # Linear outputs are [B, ..., C]; conv outputs are [B, C, H, W].
         gain = self.gain.view(-1, 1, 1) if dim == 4 else self.gain
-        if not isinstance(self.strength, Tensor):
-            return gain * self.strength
-        strengths = self.strength.to(gain.device)
-        if batch % strengths.numel():
-            raise LoRAError(f"{strengths.numel()} per-sample LoRA strengths do not fit a batch of {batch}")
-        return strengths.repeat(batch // strengths.numel()).view(-1, *(1,) * (dim - 1)) * gain
+        factor = gain * self.strength if not isinstance(self.strength, Tensor) else _per_sample(self.strength.to(gain.device), dim, batch) * gain
+        if self.modulation is None:
+            return factor
+        return factor * _per_sample(self.modulation.to(gain.device), dim, batch)
 
     def hook(self, module: nn.Module, inputs, output: Tensor) -> Tensor:
         return output * self.factor(output.dim(), output.shape[0]).to(output.dtype)
+
+
+def _per_sample(values: Tensor, dim: int, batch: int) -> Tensor:
+    """Per-sample values [B] or [B, C] tiled to ``batch`` rows and shaped to broadcast over an output of ``dim`` dims."""
+    rows = values.shape[0]
+    if batch % rows:
+        raise LoRAError(f"{rows} per-sample LoRA strengths do not fit a batch of {batch}")
+    values = values.repeat(batch // rows, *(1,) * (values.dim() - 1))
+    if values.dim() == 1:
+        return values.view(-1, *(1,) * (dim - 1))
+    return values.view(batch, -1, 1, 1) if dim == 4 else values.view(batch, *(1,) * (dim - 2), -1)
 
 
 def lora_layers(unet: nn.Module) -> dict[str, LoraLayer]:

@@ -91,13 +91,20 @@ def tiny_vae() -> AutoencoderKL:
 
 def tiny_vocoder() -> SpeechT5HifiGan:
     # Upsampling rates multiply to the mel hop of 160 samples at 16 kHz.
-    return SpeechT5HifiGan(
+    vocoder = SpeechT5HifiGan(
         SpeechT5HifiGanConfig(
             model_in_dim=64, sampling_rate=16000, upsample_initial_channel=16, upsample_rates=[5, 4, 8],
             upsample_kernel_sizes=[10, 8, 16], resblock_kernel_sizes=[3], resblock_dilation_sizes=[[1]],
             normalize_before=False,
         )
     )
+    # HiFi-GAN's own init (std 0.01) makes a random vocoder output ~1e-7 (silence in a 16-bit WAV)
+    # that its biases dominate; PyTorch's init without biases gives audio that follows the mel.
+    for module in vocoder.modules():
+        if isinstance(module, (torch.nn.Conv1d, torch.nn.ConvTranspose1d)):
+            module.reset_parameters()
+            torch.nn.init.zeros_(module.bias)
+    return vocoder
 
 
 def audioldm2_scheduler() -> DDIMScheduler:

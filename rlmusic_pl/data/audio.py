@@ -9,8 +9,10 @@ other ``MelConfig`` values.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -132,12 +134,31 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
     try:
         write(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def read_jsonl(path: str | os.PathLike, error: type[Exception], encoding: str = "utf-8") -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) for each non-blank line; invalid JSON raises ``error`` naming file and line."""
+    with open(path, encoding=encoding) as file:
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise error(f"{path}:{number}: invalid JSON ({err.msg} at column {err.colno})") from None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_wav(path: str | os.PathLike, waveform: torch.Tensor, sample_rate: int) -> None:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from rlmusic_pl.data.audio import AUDIOLDM_MEL, AudioError, atomic_write, load_audio, log_mel
+from rlmusic_pl.data.audio import AUDIOLDM_MEL, AudioError, atomic_write, load_audio, log_mel, read_jsonl
 
 MANIFEST = "manifest.jsonl"
 FEATURES = "features"
@@ -91,17 +91,10 @@ def read_manifest(directory: str | Path) -> list[dict]:
     """The entries of ``<directory>/manifest.jsonl`` (an error names the line that is not an entry)."""
     path = Path(directory) / MANIFEST
     entries = []
-    with open(path, encoding="utf-8") as file:
-        for number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataFolderError(f"{path}:{number}: invalid JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(entry, dict) or not {"source", "features"} <= entry.keys():
-                raise DataFolderError(f"{path}:{number}: expected an object with 'source' and 'features', got {line.strip()!r}")
-            entries.append(entry)
+    for number, entry in read_jsonl(path, DataFolderError):
+        if not isinstance(entry, dict) or not {"source", "features"} <= entry.keys():
+            raise DataFolderError(f"{path}:{number}: expected an object with 'source' and 'features', got {entry!r}")
+        entries.append(entry)
     return entries
 
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import csv
 import itertools
-import json
 import string
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from rlmusic_pl.data.audio import read_jsonl
 
 PromptItem = dict[str, Any]
 _RESERVED_KEYS = ("prompt", "negative_prompt", "attributes")
@@ -121,15 +122,8 @@ def _read_txt(path: Path) -> Iterator[PromptItem]:
 
 
 def _read_jsonl(path: Path) -> Iterator[PromptItem]:
-    with open(path, encoding="utf-8-sig") as file:
-        for number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise PromptError(f"{path}:{number}: invalid JSON ({err.msg} at column {err.colno})") from None
-            yield parse_entry(entry, f"{path}:{number}")
+    for number, entry in read_jsonl(path, PromptError, encoding="utf-8-sig"):
+        yield parse_entry(entry, f"{path}:{number}")
 
 
 def _read_csv(path: Path) -> Iterator[PromptItem]:

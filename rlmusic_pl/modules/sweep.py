@@ -30,6 +30,7 @@ from rlmusic_pl.data.audio import load_audio
 from rlmusic_pl.evaluation import MusicEvaluator, mel_ssim
 from rlmusic_pl.lora import LORA_WEIGHTS, SCALE_WEIGHTS, LoRAError, load_lora, read_adapter_info, read_lora_state_dict
 from rlmusic_pl.modules.base import AudioLDM2Module
+from rlmusic_pl.modules.scale_ppo import load_gain_schedule
 from rlmusic_pl.modules.slider import generate_at_strengths
 from rlmusic_pl.rewards.base import Reward
 
@@ -159,6 +160,8 @@ class SweepModule(AudioLDM2Module):
 
     def add_adapters(self, unet: torch.nn.Module) -> None:
         load_lora(unet, self.adapter_path)
+        # A Stage-2 adapter's scale-layer multipliers (by strength and step) apply to every generation.
+        self.gain_schedule = load_gain_schedule(unet, self.adapter_path)
         log.info("sweeping a %s adapter from %s", self.adapter_kind, self.adapter_path)
 
     def frozen_modules(self) -> list[torch.nn.Module]:

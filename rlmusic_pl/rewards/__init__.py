@@ -1,5 +1,25 @@
-from rlmusic_pl.rewards.emotion import EmotionReward  # noqa: F401
+"""Rewards: batched torch callables from generated audio (and its prompts) to one score per sample."""
+
 from rlmusic_pl.rewards.base import Reward, RewardError, RewardResult
 from rlmusic_pl.rewards.clap import CLAPReward
 from rlmusic_pl.rewards.combined import WeightedReward
+from rlmusic_pl.rewards.emotion import EmotionReward
 from rlmusic_pl.rewards.simple import BandEnergyReward, LoudnessReward, SpectralCentroidReward
+from rlmusic_pl.rewards.stability import AttributeMonotonicityReward, SpectralStabilityReward, StrengthSweep, SweepReward, WeightedSweepReward
+
+__all__ = [
+    "BandEnergyReward",
+    "CLAPReward",
+    "EmotionReward",
+    "LoudnessReward",
+    "Reward",
+    "RewardError",
+    "RewardResult",
+    "SpectralCentroidReward",
+    "WeightedReward",
+    "AttributeMonotonicityReward",
+    "SpectralStabilityReward",
+    "StrengthSweep",
+    "SweepReward",
+    "WeightedSweepReward",
+]

@@ -11,10 +11,10 @@ import os
 import string
 
 import torch
-from tokenizers import pre_tokenizers
 from torch import Tensor
-from transformers import ClapConfig, ClapFeatureExtractor, ClapModel, ClapProcessor, RobertaTokenizer
+from transformers import ClapConfig, ClapFeatureExtractor, ClapModel, ClapProcessor
 
+from rlmusic_pl.backbone.tiny import byte_level_tokenizer
 from rlmusic_pl.data.audio import resample
 from rlmusic_pl.rewards.base import Reward, RewardError
 from rlmusic_pl.rewards.laion_clap import load_laion_checkpoint
@@ -22,18 +22,9 @@ from rlmusic_pl.rewards.laion_clap import load_laion_checkpoint
 TINY = "tiny"
 
 
-def byte_level_roberta_tokenizer(model_max_length: int = 128) -> RobertaTokenizer:
-    """A RoBERTa tokenizer over single bytes (no merges): works offline on any text, for tiny models."""
-    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}  # RoBERTa's ids, which ClapTextConfig assumes
-    for char in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[char] = len(vocab)
-    vocab["<mask>"] = len(vocab)
-    return RobertaTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
-
-
 def tiny_clap(seed: int = 0) -> tuple[ClapModel, ClapProcessor]:
     """A random-weight CLAP small enough for CPU tests, built offline and deterministically from ``seed``."""
-    tokenizer = byte_level_roberta_tokenizer()
+    tokenizer = byte_level_tokenizer(128)
     text_config = dict(
         vocab_size=len(tokenizer),
         hidden_size=32,

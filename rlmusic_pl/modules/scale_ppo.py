@@ -1,0 +1,480 @@
+"""Stage 2 of RLScale-LoRA: PPO on the slider's scale layers for smooth strength control (DESIGN.md §7; seed 000).
+
+The Stage-1 slider (base model and LoRA A/B weights) is loaded and frozen. What is trained is a
+``GainSchedule``: per LoRA layer (optionally per channel), a multiplier of the Stage-1 gain,
+``m(s, t) = 1 + theta . phi(s, t)``, with features ``phi`` of the strength s and the diffusion step t
+(``conditioning``). ``theta`` starts at 0, so Stage 2 starts exactly where Stage 1 ended.
+
+PPO as a contextual bandit, one training step per batch of prompts:
+  1. context: each prompt with one initial noise; action: a draw of ``theta`` from the Gaussian
+     policy ``N(mean, std^2)``, ``rollouts_per_prompt`` per prompt in mirrored pairs (mean +- std * z);
+  2. every rollout generates its prompt at every strength of the grid (deterministic DDIM, all in
+     one UNet batch, each sample with its own theta);
+  3. the sweep rewards score each rollout's whole grid: the spectral-temporal stability of the
+     intermediate strengths and the even rise of the Stage-1 attribute (``rewards.stability``);
+  4. ``ppo_epochs`` full-batch steps of: the clipped surrogate on the actions' log-probs with
+     advantages (reward - value baseline) / reward std, a value loss, an entropy bonus and a
+     penalty keeping theta (the gains) near its start.
+
+The UNet is never differentiated: the generation runs without gradients and the loss only involves
+the policy's Gaussian, so a step costs one batched generation. Optimisation is manual (several
+epochs per batch of rollouts).
+
+The result, ``<run dir>/adapter`` (and ``export_to``), is the slider's adapter plus
+``gain_schedule.safetensors``; ``load_gain_schedule`` (used by ``SweepModule``) applies it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from torch.distributions import Normal
+
+from rlmusic_pl.backbone.conditioning import PromptConditioning
+from rlmusic_pl.callbacks.samples import SampleBatch
+from rlmusic_pl.data.audio import atomic_write
+from rlmusic_pl.lora import SCALE_WEIGHTS, LoRAError, LoRASettings, load_lora, lora_parameters, read_adapter_info, scale_layers
+from rlmusic_pl.modules.base import AudioLDM2Module
+from rlmusic_pl.modules.ppo import clipped_surrogate
+from rlmusic_pl.modules.slider import AttributeProbe, generate_at_strengths
+from rlmusic_pl.rewards.base import RewardResult
+from rlmusic_pl.rewards.stability import (
+    AttributeMonotonicityReward,
+    SpectralStabilityReward,
+    StrengthSweep,
+    WeightedSweepReward,
+    linearity,
+)
+
+GAIN_SCHEDULE = "gain_schedule.safetensors"
+Conditioning = Literal["none", "strength", "strength_step"]
+FEATURES = {"none": 1, "strength": 2, "strength_step": 4}
+
+
+def schedule_features(conditioning: str, strength: Tensor, step_fraction: Tensor) -> Tensor:
+    """Features [R, K] of per-sample strengths [R] at the step fraction t / T (a scalar tensor)."""
+    one = torch.ones_like(strength)
+    if conditioning == "none":
+        return one[:, None]
+    if conditioning == "strength":
+        return torch.stack([one, strength], 1)
+    tau = step_fraction.to(strength).expand_as(strength)
+    return torch.stack([one, strength, tau, strength * tau], 1)
+
+
+class GainSchedule(nn.Module):
+    """Stage 2's scale layers: multipliers ``1 + theta . phi(s, t)`` of every LoRA layer's Stage-1 gain.
+
+    ``mean`` holds theta of every layer (flat, [D]); ``actions`` (rows [R, D], or None for ``mean``)
+    is what the hook applies while set, so one generation batch can run a different theta per sample.
+    ``attach(unet)`` installs a forward pre-hook that, at every UNet call, reads the layers' strength
+    (set by ``set_strength``) and the timestep and sets each scale layer's ``modulation``.
+
+    Args:
+        channels: output channels of each LoRA layer's scale layer, by layer name (UNet order).
+        conditioning: ``none`` (one multiplier per layer/channel), ``strength`` (linear in s) or
+            ``strength_step`` (bilinear in s and t / T).
+        per_channel: one multiplier per output channel (else one per layer).
+        num_train_timesteps: T, to turn timesteps into step fractions.
+    """
+
+    def __init__(self, channels: dict[str, int], conditioning: Conditioning = "strength", per_channel: bool = False,
+                 num_train_timesteps: int = 1000) -> None:
+        super().__init__()
+        if conditioning not in FEATURES:
+            raise ValueError(f"conditioning must be one of {sorted(FEATURES)}, got {conditioning!r}")
+        self.conditioning = conditioning
+        self.per_channel = per_channel
+        self.num_train_timesteps = num_train_timesteps
+        self.widths = {name: c if per_channel else 1 for name, c in channels.items()}
+        self.mean = nn.Parameter(torch.zeros(FEATURES[conditioning] * sum(self.widths.values())))
+        self.actions: Tensor | None = None
+
+    @property
+    def settings(self) -> dict:
+        return {"conditioning": self.conditioning, "per_channel": self.per_channel, "num_train_timesteps": self.num_train_timesteps}
+
+    def multipliers(self, theta: Tensor, strength: Tensor, step_fraction: Tensor) -> dict[str, Tensor]:
+        """Per layer, multipliers [R] (or [R, C] per channel) for theta [R or 1, D] and strengths [R or 1]."""
+        features = schedule_features(self.conditioning, strength, step_fraction)[:, :, None]  # [R, K, 1]
+        result, offset = {}, 0
+        for name, width in self.widths.items():
+            size = features.shape[1] * width
+            coefficients = theta[:, offset : offset + size].view(theta.shape[0], -1, width)  # [R, K, C]
+            offset += size
+            multiplier = 1 + (features * coefficients).sum(1)
+            result[name] = multiplier if self.per_channel else multiplier[:, 0]
+        return result
+
+    def attach(self, unet: nn.Module) -> torch.utils.hooks.RemovableHandle:
+        layers = scale_layers(unet)
+        if {name: layer.gain.numel() if self.per_channel else 1 for name, layer in layers.items()} != self.widths:
+            raise LoRAError("the gain schedule does not fit this UNet's LoRA layers")
+
+        def hook(module, args, kwargs):
+            timestep = torch.as_tensor(args[1] if len(args) > 1 else kwargs["timestep"]).float().flatten()
+            if timestep.numel() > 1 and (timestep != timestep[0]).any():
+                raise LoRAError("the gain schedule needs one timestep per UNet call")
+            strength = next(iter(layers.values())).strength  # set_strength sets the same on every layer
+            strength = torch.as_tensor(strength, dtype=torch.float32, device=self.mean.device).flatten()
+            theta = self.mean[None] if self.actions is None else self.actions
+            with torch.no_grad():
+                multipliers = self.multipliers(theta.detach(), strength, timestep[0] / self.num_train_timesteps)
+            for name, layer in layers.items():
+                layer.modulation = multipliers[name]
+
+        return unet.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def save_gain_schedule(schedule: GainSchedule, directory: str | Path) -> Path:
+    path = Path(directory) / GAIN_SCHEDULE
+    tensors = {"mean": schedule.mean.detach().float().cpu().contiguous()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"rlmusic_pl": json.dumps(schedule.settings)}))
+    return path
+
+
+def load_gain_schedule(unet: nn.Module, directory: str | Path) -> GainSchedule | None:
+    """Attach the Stage-2 gain schedule saved in an adapter directory to ``unet`` (which holds that
+    adapter's LoRA); None if the directory has none (a Stage-1 slider or DDPO LoRA)."""
+    path = Path(directory) / GAIN_SCHEDULE
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            settings = json.loads((handle.metadata() or {})["rlmusic_pl"])
+            mean = handle.get_tensor("mean")
+    except Exception as err:  # safetensors, json and a missing key raise their own error types
+        raise LoRAError(f"{path}: not a readable gain schedule ({err})") from err
+    channels = {name: layer.gain.numel() for name, layer in scale_layers(unet).items()}
+    schedule = GainSchedule(channels, **settings).to(unet.device)
+    if schedule.mean.shape != mean.shape:
+        raise LoRAError(f"{path}: holds {mean.numel()} coefficients, but the adapter's LoRA layers need {schedule.mean.numel()}")
+    schedule.mean.data.copy_(mean)
+    schedule.requires_grad_(False)
+    schedule.attach(unet)
+    return schedule
+
+
+def check_slider_settings(directory: Path, saved: LoRASettings, configured: LoRASettings) -> None:
+    """LoRAError naming the slider directory and every LoRA setting that differs from the configured ones."""
+    differ = [
+        f"{name} {getattr(saved, name)!r} (configured {getattr(configured, name)!r})"
+        for name in ("rank", "alpha", "targets")
+        if (saved.target_pattern() != configured.target_pattern() if name == "targets" else getattr(saved, name) != getattr(configured, name))
+    ]
+    if differ:
+        raise LoRAError(f"slider {directory}: its LoRA has {', '.join(differ)}; set lora_rank/lora_alpha/lora_targets to the slider's")
+
+
+def attribute_probe_from(adapter_info: dict) -> AttributeProbe | None:
+    """The Stage-1 attribute probe saved in a slider's metadata (its two mean latents); None if absent."""
+    means = adapter_info.get("attribute_probe")
+    if means is None:
+        return None
+    positive, negative = torch.tensor(means["positive_mean"]), torch.tensor(means["negative_mean"])
+    probe = AttributeProbe(*positive.shape)
+    probe.positive_sum.copy_(positive)
+    probe.negative_sum.copy_(negative)
+    probe.count.fill_(1)
+    return probe
+
+
+@dataclass
+class PPOTerms:
+    """The Stage-2 loss and its parts (all scalars)."""
+
+    loss: Tensor
+    surrogate: Tensor
+    value_loss: Tensor
+    entropy: Tensor
+    gain_penalty: Tensor
+    approx_kl: Tensor
+    clipfrac: Tensor
+
+
+@dataclass
+class SweepRollouts:
+    """One training step's rollouts: N = prompts x rollouts_per_prompt actions, each generated at G strengths."""
+
+    actions: Tensor  # [N, D]
+    waveforms: Tensor  # [G * N, T], strength-major
+    rewards: RewardResult  # total and components [N]
+    attribute: Tensor  # [G, N]
+    prompts: list[str]  # [N]
+    attributes: list[dict[str, str]]  # [N]
+
+
+class ScalePPOModule(AudioLDM2Module):
+    """Stage-2 PPO of a Stage-1 slider's scale layers, for smooth continuous strength control.
+
+    Loads the slider (its LoRA settings must match ``lora_rank``/``lora_alpha``/``lora_targets``),
+    freezes the base model and the LoRA A/B weights and trains a ``GainSchedule`` (initialised to
+    the identity) with PPO against the sweep rewards. Any prompt data module works
+    (``PromptAttributeDataModule``); validation generates each prompt from a fixed noise at the grid
+    with the policy's mean and logs the rewards and the attribute's linearity (R², largest jump).
+
+    Args:
+        slider: directory of the Stage-1 slider (``SliderModule``'s exported adapter); its metadata
+            must hold the attribute probe when ``monotonicity_weight`` is not 0.
+        strengths: the strength grid of every rollout, increasing from 0 to 1.
+        rollouts_per_prompt: actions per prompt and noise, in mirrored pairs (even, >= 2).
+        conditioning: what the gain multipliers depend on: ``none``, ``strength`` or ``strength_step``.
+        per_channel: one multiplier per output channel (else one per LoRA layer).
+        beta: exponent of the stability reward's SSIM target curve ``s**beta``.
+        sigma: tolerance of the stability reward's Gaussian score (SSIM units).
+        stability_weight: weight of the spectral-temporal stability reward.
+        monotonicity_weight: weight of the attribute-monotonicity reward.
+        init_std: initial standard deviation of the Gaussian policy (per coefficient).
+        learn_std: learn the (log) standard deviation; else it stays ``init_std``.
+        clip_range: PPO ratio clip epsilon.
+        ppo_epochs: optimisation steps on each batch of rollouts.
+        entropy_coef: weight of the policy's entropy (per coefficient) bonus.
+        value_coef: weight of the value baseline's squared error (the baseline starts at the first
+            batch's mean reward).
+        gain_penalty: weight of the mean squared policy mean theta (multipliers' distance from 1).
+        learning_rate: Adam learning rate of theta, the log-std and the value.
+        duration_s: seconds of audio per clip.
+        num_steps: DDIM steps per clip.
+        guidance_scale: classifier-free guidance scale.
+        start_fraction: fraction of the steps run at strength 0 before the slider is switched on.
+        seed: seed of the rollouts' noise and actions (with the step and rank) and of validation noise.
+        **backbone_args: see ``AudioLDM2Module`` (backbone, ``lora_targets`` default ``self_attention``
+            as for ``SliderModule``, ``export_to``, ...).
+    """
+
+    trainable_state_prefixes = ("gain_schedule.", "log_std", "value")
+
+    def __init__(
+        self,
+        slider: str,
+        strengths: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0],  # noqa: B006 (jsonargparse needs a list default)
+        rollouts_per_prompt: int = 2,
+        conditioning: Conditioning = "strength",
+        per_channel: bool = False,
+        beta: float = 1.0,
+        sigma: float = 0.1,
+        stability_weight: float = 1.0,
+        monotonicity_weight: float = 1.0,
+        init_std: float = 0.1,
+        learn_std: bool = True,
+        clip_range: float = 0.2,
+        ppo_epochs: int = 4,
+        entropy_coef: float = 0.0,
+        value_coef: float = 0.5,
+        gain_penalty: float = 0.1,
+        learning_rate: float = 1e-2,
+        duration_s: float = 10.0,
+        num_steps: int = 50,
+        guidance_scale: float = 3.5,
+        start_fraction: float = 0.0,
+        seed: int = 0,
+        **backbone_args,
+    ) -> None:
+        backbone_args.setdefault("lora_targets", "self_attention")
+        super().__init__(**backbone_args)
+        if len(strengths) < 3 or strengths[0] != 0 or strengths[-1] != 1 or any(b <= a for a, b in zip(strengths, strengths[1:])):
+            raise ValueError(f"strengths must increase from 0 to 1 with at least one between, got {strengths}")
+        if rollouts_per_prompt < 2 or rollouts_per_prompt % 2:
+            raise ValueError(f"rollouts_per_prompt must be even and >= 2 (mirrored pairs), got {rollouts_per_prompt}")
+        if conditioning not in FEATURES:
+            raise ValueError(f"conditioning must be one of {sorted(FEATURES)}, got {conditioning!r}")
+        for name, value in (("init_std", init_std), ("clip_range", clip_range), ("ppo_epochs", ppo_epochs),
+                            ("duration_s", duration_s), ("num_steps", num_steps)):
+            if value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        if not 0.0 <= start_fraction <= 1.0:
+            raise ValueError(f"start_fraction must be in [0, 1], got {start_fraction}")
+        self.automatic_optimization = False
+        self.reward = WeightedSweepReward(
+            {"stability": SpectralStabilityReward(beta, sigma), "monotonicity": AttributeMonotonicityReward()},
+            {"stability": stability_weight, "monotonicity": monotonicity_weight},
+        )
+        self.log_std = nn.Parameter(torch.tensor(float(init_std)).log(), requires_grad=learn_std)
+        self.value = nn.Parameter(torch.zeros(()))
+        self.gain_schedule: GainSchedule | None = None
+        self.attribute_probe: AttributeProbe | None = None
+        self.slider_info: dict = {}
+        self.steps_sampled = 0
+
+    # --------------------------------------------------------------------------- the slider
+    def add_adapters(self, unet: nn.Module) -> None:
+        """Load the Stage-1 slider with its own settings (checked against the configured ones) and freeze it."""
+        directory = Path(self.hparams.slider)
+        info = read_adapter_info(directory)  # LoRAError naming the directory if it is not an adapter
+        if "settings" not in info:
+            raise LoRAError(f"slider {directory}: {SCALE_WEIGHTS} holds no LoRA settings; train the slider with SliderModule")
+        if (directory / GAIN_SCHEDULE).is_file():
+            raise LoRAError(f"slider {directory}: is already a Stage-2 adapter (has {GAIN_SCHEDULE}); give the Stage-1 slider")
+        saved = LoRASettings(**info["settings"])
+        check_slider_settings(directory, saved, self.lora_settings)
+        load_lora(unet, directory, settings=saved)
+        for param in lora_parameters(unet):
+            param.requires_grad_(False)
+        self.slider_info = info
+
+    def configure_model(self) -> None:
+        if self.backbone is not None:
+            return
+        super().configure_model()
+        unet = self.backbone.unet
+        channels = {name: layer.gain.numel() for name, layer in scale_layers(unet).items()}
+        self.gain_schedule = GainSchedule(channels, self.hparams.conditioning, self.hparams.per_channel,
+                                          self.backbone.scheduler.config.num_train_timesteps).to(self.device)
+        self.gain_schedule.attach(unet)
+        self.attribute_probe = self._slider_probe()
+
+    def _slider_probe(self) -> AttributeProbe | None:
+        probe = attribute_probe_from(self.slider_info)
+        if probe is None and self.hparams.monotonicity_weight:
+            raise LoRAError(f"slider {self.hparams.slider}: its metadata has no attribute_probe, which the monotonicity "
+                            "reward needs; export the slider with SliderModule or set monotonicity_weight: 0")
+        return None if probe is None else probe.to(self.device)
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return super().frozen_modules() + [self.reward]
+
+    def configure_optimizers(self):
+        params = [self.gain_schedule.mean, self.value] + ([self.log_std] if self.hparams.learn_std else [])
+        return torch.optim.Adam(params, lr=self.hparams.learning_rate)
+
+    # --------------------------------------------------------------------------- the policy
+    def policy(self) -> Normal:
+        return Normal(self.gain_schedule.mean, self.log_std.exp())
+
+    def sample_actions(self, contexts: int, generator: torch.Generator) -> Tensor:
+        """``rollouts_per_prompt`` actions [contexts * k, D] per context, as mirrored pairs mean +- std * z."""
+        half = self.hparams.rollouts_per_prompt // 2
+        z = torch.randn(contexts, half, self.gain_schedule.mean.numel(), generator=generator).to(self.device)
+        with torch.no_grad():
+            return (self.gain_schedule.mean + self.log_std.exp() * torch.cat([z, -z], 1)).flatten(0, 1)
+
+    def ppo_loss(self, actions: Tensor, old_log_prob: Tensor, advantages: Tensor, rewards: Tensor) -> PPOTerms:
+        """Clipped surrogate + value loss - entropy bonus + gain penalty, for actions [N, D] and [N] the rest."""
+        hp = self.hparams
+        policy = self.policy()
+        terms = clipped_surrogate(policy.log_prob(actions).sum(-1), old_log_prob, advantages, hp.clip_range)
+        value_loss = (self.value - rewards).pow(2).mean()
+        entropy = policy.entropy().mean()
+        gain_penalty = self.gain_schedule.mean.pow(2).mean()
+        loss = terms.loss + hp.value_coef * value_loss - hp.entropy_coef * entropy + hp.gain_penalty * gain_penalty
+        return PPOTerms(loss, terms.loss, value_loss, entropy, gain_penalty, terms.approx_kl, terms.clipfrac)
+
+    # --------------------------------------------------------------------------- rollouts
+    @torch.no_grad()
+    def generate(self, cond: PromptConditioning, noise: Tensor, actions: Tensor | None) -> Tensor:
+        """Final latents [G * N, ...] (strength-major) of N contexts at the grid, rollout n with theta ``actions[n]`` (None: the mean)."""
+        hp = self.hparams
+        self.gain_schedule.actions = None if actions is None else actions.repeat(len(hp.strengths), 1)
+        try:
+            return generate_at_strengths(self.backbone, cond, noise, hp.strengths, hp.num_steps, hp.guidance_scale, hp.start_fraction)
+        finally:
+            self.gain_schedule.actions = None
+
+    @torch.no_grad()
+    def score(self, latents: Tensor) -> tuple[Tensor, RewardResult, Tensor]:
+        """Waveforms [G * N, T], sweep rewards [N] and attribute [G, N] of grid latents [G * N, ...]."""
+        hp = self.hparams
+        groups = len(hp.strengths)
+        waveforms = self.backbone.decode(latents, hp.duration_s).float()
+        attribute = self.attribute_probe.score(latents) if self.attribute_probe is not None else torch.zeros(latents.shape[0], device=latents.device)
+        attribute = attribute.view(groups, -1)
+        sweep = StrengthSweep(waveforms.view(groups, attribute.shape[1], -1), torch.tensor(hp.strengths, device=waveforms.device),
+                              self.backbone.sample_rate, attribute)
+        return waveforms, self.reward.evaluate(sweep), attribute
+
+    def sample_rollouts(self, batch: dict, generator: torch.Generator) -> SweepRollouts:
+        k = self.hparams.rollouts_per_prompt
+        prompts = batch["prompt"]
+        cond = self.backbone.encode_prompts(prompts, batch["negative_prompt"]).repeat_interleave(k)
+        noise = self.backbone.initial_latents(len(prompts), self.hparams.duration_s, generator).repeat_interleave(k, 0)
+        actions = self.sample_actions(len(prompts), generator)
+        waveforms, rewards, attribute = self.score(self.generate(cond, noise, actions))
+        return SweepRollouts(actions, waveforms, rewards, attribute, [p for p in prompts for _ in range(k)],
+                             [a for a in batch["attributes"] for _ in range(k)])
+
+    # --------------------------------------------------------------------------- training
+    def training_step(self, batch: dict, batch_idx: int) -> dict:
+        generator = torch.Generator().manual_seed(self.hparams.seed + 1_000_003 * self.steps_sampled + 7_919 * self.global_rank)
+        rollouts = self.sample_rollouts(batch, generator)
+        self.steps_sampled += 1
+        metrics = self.train_on_rollouts(rollouts.actions, rollouts.rewards.total)
+        for name, value in metrics.items():
+            self.log(f"train/{name}", value, on_step=True, on_epoch=False, prog_bar=name == "loss")
+        self.log("train/std", self.log_std.exp().detach(), on_step=True, on_epoch=False)
+        return {"samples": self._sample_batch(rollouts.waveforms, rollouts.rewards, rollouts.prompts, rollouts.attributes)}
+
+    def train_on_rollouts(self, actions: Tensor, rewards: Tensor) -> dict[str, Tensor]:
+        """``ppo_epochs`` full-batch steps on one batch of rollouts; the mean of each loss term."""
+        optimizer = self.optimizers()
+        with torch.no_grad():
+            if self.steps_sampled == 1:  # a baseline of 0 would make every first advantage positive
+                self.value.fill_(rewards.mean())
+            old_log_prob = self.policy().log_prob(actions).sum(-1)
+            advantages = (rewards - self.value) / (rewards.std() + 1e-6)
+        history: dict[str, list[Tensor]] = {}
+        for _ in range(self.hparams.ppo_epochs):
+            terms = self.ppo_loss(actions, old_log_prob, advantages, rewards)
+            optimizer.zero_grad()
+            self.manual_backward(terms.loss)
+            optimizer.step()
+            for field in fields(terms):
+                history.setdefault(field.name, []).append(getattr(terms, field.name).detach())
+        return {name: torch.stack(values).mean() for name, values in history.items()}
+
+    # --------------------------------------------------------------------------- evaluation
+    def validation_step(self, batch: dict, batch_idx: int) -> dict:
+        return self._evaluate("val", batch, batch_idx)
+
+    def test_step(self, batch: dict, batch_idx: int) -> dict:
+        return self._evaluate("test", batch, batch_idx)
+
+    def _evaluate(self, stage: str, batch: dict, batch_idx: int) -> dict:
+        """The policy's mean at the grid, from fixed noise per batch: rewards and the attribute's linearity."""
+        hp = self.hparams
+        prompts = batch["prompt"]
+        generator = torch.Generator().manual_seed(hp.seed + 7_919 * batch_idx + self.global_rank)
+        cond = self.backbone.encode_prompts(prompts, batch["negative_prompt"])
+        noise = self.backbone.initial_latents(len(prompts), hp.duration_s, generator)
+        waveforms, rewards, attribute = self.score(self.generate(cond, noise, None))
+        r2, max_jump = linearity(attribute, torch.tensor(hp.strengths))
+        for name, value in (("attribute_r2", r2), ("attribute_max_jump", max_jump), ("attribute_range", attribute[-1] - attribute[0])):
+            self.log(f"{stage}/{name}", value.mean(), batch_size=len(prompts), sync_dist=True, prog_bar=name == "attribute_r2")
+        return {"samples": self._sample_batch(waveforms, rewards, list(prompts), list(batch["attributes"]))}
+
+    def _sample_batch(self, waveforms: Tensor, rewards: RewardResult, prompts: list[str], attributes: list[dict[str, str]]) -> SampleBatch:
+        """Every clip of the grid, each carrying its rollout's rewards."""
+        groups = len(self.hparams.strengths)
+        values = {"total": rewards.total, **rewards.components}
+        return SampleBatch(
+            waveforms=waveforms.detach().cpu(),
+            sample_rate=self.backbone.sample_rate,
+            prompts=prompts * groups,
+            attributes=attributes * groups,
+            rewards={name: value.detach().cpu().repeat(groups) for name, value in values.items()},
+            strengths=torch.tensor(self.hparams.strengths).repeat_interleave(len(prompts)),
+        )
+
+    # --------------------------------------------------------------------------- export
+    def adapter_metadata(self) -> dict:
+        stage1 = {k: v for k, v in self.slider_info.items() if k not in ("settings", "kind", "backbone")}
+        return {**stage1, **super().adapter_metadata(), "slider": str(self.hparams.slider), "gain_schedule": self.gain_schedule.settings}
+
+    def export_adapter(self) -> Path:
+        directory = super().export_adapter()
+        save_gain_schedule(self.gain_schedule, directory)
+        return directory
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["scale_ppo"] = {"steps_sampled": self.steps_sampled}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.steps_sampled = checkpoint.get("scale_ppo", {}).get("steps_sampled", 0)

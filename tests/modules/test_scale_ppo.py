@@ -1,0 +1,141 @@
+"""ScalePPOModule (Stage 2): only the scale policy trains, the PPO loss, identity at start, slider checks, export."""
+
+import math
+
+import lightning as L
+import pytest
+import torch
+
+from rlmusic_pl.backbone.audioldm2 import AudioLDM2Backbone
+from rlmusic_pl.data import PromptAttributeDataModule
+from rlmusic_pl.lora import LoRAError, load_lora, lora_parameters, save_lora
+from rlmusic_pl.modules import GainSchedule, ScalePPOModule, SliderModule, SweepModule, generate_at_strengths
+from rlmusic_pl.modules.scale_ppo import GAIN_SCHEDULE
+
+DURATION = 0.5
+STEPS = 3
+GRID = [0.0, 0.5, 1.0]
+PROMPTS = ["A piano melody", "jazz"]
+
+
+@pytest.fixture(scope="module")
+def slider_dir(tmp_path_factory):
+    """A Stage-1 slider as SliderModule exports it: random non-zero LoRA, probe means in the metadata."""
+    module = SliderModule(backbone="tiny", duration_s=DURATION)
+    module.configure_model()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in lora_parameters(module.backbone.unet):
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    shape = (4, *module.backbone.latent_shape(DURATION))
+    module.attribute_probe.update(torch.randn(shape, generator=generator) + 0.5, torch.randn(shape, generator=generator) - 0.5)
+    return save_lora(module.backbone.unet, tmp_path_factory.mktemp("slider") / "stage1", module.adapter_metadata())
+
+
+def stage2(slider_dir, **kwargs) -> ScalePPOModule:
+    args = dict(slider=str(slider_dir), backbone="tiny", strengths=GRID, duration_s=DURATION, num_steps=STEPS, init_std=0.2)
+    module = ScalePPOModule(**{**args, **kwargs})
+    module.configure_model()
+    return module
+
+
+def prompt_inputs(backbone, seed=1):
+    return backbone.encode_prompts(PROMPTS), backbone.initial_latents(len(PROMPTS), DURATION, torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("conditioning, per_channel", [("strength", False), ("strength_step", True)])
+def test_at_initialisation_stage2_generates_exactly_what_stage1_does(slider_dir, conditioning, per_channel):
+    stage1 = AudioLDM2Backbone.load("tiny")
+    load_lora(stage1.unet, slider_dir)
+    module = stage2(slider_dir, conditioning=conditioning, per_channel=per_channel)
+    cond, noise = prompt_inputs(stage1)
+    expected = generate_at_strengths(stage1, cond, noise, GRID, STEPS, 3.5)
+    assert torch.equal(module.generate(cond, noise, None), expected)
+    assert not torch.equal(expected[: len(PROMPTS)], expected[-len(PROMPTS) :])  # the slider does change the output
+
+
+def test_each_rollout_of_a_batch_runs_its_own_gains(slider_dir):
+    module = stage2(slider_dir, conditioning="strength_step", per_channel=True)
+    cond, noise = prompt_inputs(module.backbone)
+    actions = module.sample_actions(1, torch.Generator().manual_seed(0))  # a mirrored pair
+    both = module.generate(cond[[0, 0]], noise[[0, 0]], actions)
+    for row, action in enumerate(actions):
+        with torch.no_grad():
+            module.gain_schedule.mean.copy_(action)
+        alone = module.generate(cond[[0]], noise[[0]], None)
+        torch.testing.assert_close(both[row :: 2], alone, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(both[-2], both[-1], atol=1e-3)  # the two actions differ at strength 1
+
+
+def test_a_stage2_step_changes_only_the_scale_policy_and_exports_an_adapter_the_sweep_applies(slider_dir, tmp_path):
+    module = stage2(slider_dir, export_to=str(tmp_path / "stage2"), rollouts_per_prompt=2, ppo_epochs=2)
+    frozen = {k: v.clone() for k, v in module.backbone.state_dict().items()}
+    policy = {k: v.clone() for k, v in module.named_parameters() if k.startswith(("gain_schedule.", "log_std", "value"))}
+    assert not any(p.requires_grad for p in module.backbone.parameters())  # base, LoRA A/B and Stage-1 gains
+    data = PromptAttributeDataModule(prompts=PROMPTS, batch_size=2)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(module, data)
+
+    after = module.backbone.state_dict()
+    assert after.keys() == frozen.keys()
+    assert [k for k in frozen if not torch.equal(frozen[k], after[k])] == []  # bit-identical base and LoRA
+    changed = [k for k, v in module.named_parameters() if k in policy and not torch.equal(policy[k], v)]
+    assert set(changed) == set(policy), changed  # theta, log-std and value all moved
+    assert "train/surrogate" in trainer.logged_metrics and "train/value_loss" in trainer.logged_metrics
+
+    exported = tmp_path / "stage2"
+    assert (exported / GAIN_SCHEDULE).is_file() and (tmp_path / "adapter" / GAIN_SCHEDULE).is_file()
+    sweep = SweepModule(adapter=str(exported), backbone="tiny", duration_s=DURATION, num_steps=STEPS)
+    sweep.configure_model()
+    assert sweep.adapter_kind == "ScalePPOModule"
+    torch.testing.assert_close(sweep.gain_schedule.mean, module.gain_schedule.mean.detach(), rtol=0, atol=0)
+    cond, noise = prompt_inputs(sweep.backbone)
+    swept = generate_at_strengths(sweep.backbone, cond, noise, GRID, STEPS, 3.5)
+    assert torch.equal(swept, module.generate(cond, noise, None))
+    stage1 = AudioLDM2Backbone.load("tiny")
+    load_lora(stage1.unet, slider_dir)
+    assert not torch.equal(swept, generate_at_strengths(stage1, cond, noise, GRID, STEPS, 3.5))
+
+
+def test_ppo_loss_equals_a_hand_computed_value(tmp_path):
+    module = ScalePPOModule(slider=str(tmp_path), backbone="tiny", clip_range=0.2, value_coef=0.5, entropy_coef=0.01, gain_penalty=0.1)
+    module.gain_schedule = GainSchedule({"a": 1, "b": 1}, conditioning="strength")  # D = 4, no backbone needed
+    mean, std, value = [0.1, -0.2, 0.0, 0.3], 0.5, 0.2
+    with torch.no_grad():
+        module.gain_schedule.mean.copy_(torch.tensor(mean))
+        module.log_std.fill_(math.log(std))
+        module.value.fill_(value)
+    actions = [[0.3, -0.1, 0.2, 0.1], [-0.2, -0.4, 0.1, 0.6], [0.1, -0.2, 0.0, 0.3]]
+    old_log_prob = [-1.0, -2.5, 0.0]
+    advantages = [1.0, -0.5, 2.0]
+    rewards = [0.5, 0.1, 0.9]
+
+    def log_prob(action):
+        return sum(-((a - m) ** 2) / (2 * std**2) - math.log(std) - 0.5 * math.log(2 * math.pi) for a, m in zip(action, mean))
+
+    surrogate = 0.0
+    for action, old, advantage in zip(actions, old_log_prob, advantages):
+        ratio = math.exp(log_prob(action) - old)
+        surrogate += max(-advantage * ratio, -advantage * min(max(ratio, 0.8), 1.2)) / 3
+    value_loss = sum((value - r) ** 2 for r in rewards) / 3
+    entropy = 0.5 + 0.5 * math.log(2 * math.pi) + math.log(std)
+    penalty = sum(m**2 for m in mean) / 4
+    expected = surrogate + 0.5 * value_loss - 0.01 * entropy + 0.1 * penalty
+
+    terms = module.ppo_loss(torch.tensor(actions), torch.tensor(old_log_prob), torch.tensor(advantages), torch.tensor(rewards))
+    assert terms.loss.item() == pytest.approx(expected, rel=1e-5)
+    assert terms.surrogate.item() == pytest.approx(surrogate, rel=1e-5)
+    assert terms.clipfrac.item() == pytest.approx(2 / 3)  # ratios 0.85, 3.1 (clipped) and 0.40 (clipped)
+
+
+@pytest.mark.parametrize("override, field", [({"lora_rank": 8}, "rank 4"), ({"lora_targets": "attention"}, "targets 'self_attention'"),
+                                             ({"lora_alpha": 1.0}, "alpha 4.0")])
+def test_a_slider_with_other_lora_settings_is_a_clear_error(slider_dir, override, field):
+    with pytest.raises(LoRAError, match=rf"slider {slider_dir}: its LoRA has {field}"):
+        stage2(slider_dir, **override)
+
+
+def test_a_directory_that_is_not_a_slider_is_a_clear_error(tmp_path):
+    with pytest.raises(LoRAError, match=f"{tmp_path / 'missing'}: no such adapter directory"):
+        stage2(tmp_path / "missing")
