@@ -14,7 +14,7 @@ import os
 import tempfile
 
 import torch
-from lightning import Trainer
+from lightning import Callback, Trainer
 
 from rlmusic_pl.data import PromptAttributeDataModule
 from rlmusic_pl.modules import DDPOModule
@@ -30,8 +30,19 @@ TRAIN_PROMPTS = ["a bright piano", "a calm guitar", "an angry drum", "a happy vi
 HELD_OUT_PROMPTS = ["a soft flute", "a loud trumpet", "a sad cello", "a tender harp"]
 
 
-def held_out_reward(module: DDPOModule, samples_per_prompt: int, seed: int) -> torch.Tensor:
-    batch = {"prompt": HELD_OUT_PROMPTS, "negative_prompt": ["noise"] * len(HELD_OUT_PROMPTS), "attributes": [{}] * len(HELD_OUT_PROMPTS)}
+class RewardHistory(Callback):
+    """Mean training reward of every DDPO epoch."""
+
+    def __init__(self) -> None:
+        self.means: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.means.append(outputs["samples"].rewards["total"].mean().item())
+
+
+def held_out_reward(module: DDPOModule, prompts: list[str], samples_per_prompt: int, seed: int) -> torch.Tensor:
+    """Reward of a fixed batch: ``prompts`` with initial noise no training epoch draws."""
+    batch = {"prompt": prompts, "negative_prompt": ["noise"] * len(prompts), "attributes": [{}] * len(prompts)}
     previous = module.hparams.samples_per_prompt
     module.hparams.samples_per_prompt = samples_per_prompt
     rollouts = module.sample_rollouts(batch, torch.Generator().manual_seed(10_000 + seed))
@@ -61,20 +72,25 @@ def main() -> None:
     parser.add_argument("--reward", choices=sorted(REWARDS), default="low_band", help="the cheap deterministic reward to optimise")
     parser.add_argument("--targets", default="attention+conv", help="LoRA targets (preset or regex)")
     parser.add_argument("--inner-epochs", type=int, default=2, help="optimisation passes per DDPO epoch")
+    parser.add_argument("--held-out-prompts", action="store_true", help="evaluate on other prompts (default: the training prompts with held-out noise)")
     parser.add_argument("--held-out-samples", type=int, default=4, help="held-out samples per held-out prompt")
     args = parser.parse_args()
     torch.set_num_threads(1)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     module = build(args.seed, args)
-    before = held_out_reward(module, args.held_out_samples, args.seed)
+    prompts = HELD_OUT_PROMPTS if args.held_out_prompts else TRAIN_PROMPTS
+    before = held_out_reward(module, prompts, args.held_out_samples, args.seed)
+    history = RewardHistory()
     data = PromptAttributeDataModule(prompts=TRAIN_PROMPTS, negative_prompt="noise", batch_size=4, seed=args.seed)
     with tempfile.TemporaryDirectory() as run_dir:
         Trainer(accelerator="cpu", max_epochs=args.epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                enable_model_summary=False, limit_val_batches=0, default_root_dir=run_dir).fit(module, data)
-    after = held_out_reward(module, args.held_out_samples, args.seed)
+                enable_model_summary=False, limit_val_batches=0, default_root_dir=run_dir, callbacks=[history]).fit(module, data)
+    after = held_out_reward(module, prompts, args.held_out_samples, args.seed)
     gain = (after.mean() - before.mean()) / before.std()
     print(f"seed={args.seed} epochs={args.epochs} lr={args.lr} clip={args.clip_range} reward={args.reward} targets={args.targets}")
+    print("training reward per epoch: " + " ".join(f"{m:.4f}" for m in history.means))
+    print(f"held-out batch: {'other prompts' if args.held_out_prompts else 'training prompts'}, noise seed {10_000 + args.seed}")
     print(f"held-out mean reward before: {before.mean():.4f} (std {before.std():.4f}, n={before.numel()})")
     print(f"held-out mean reward after:  {after.mean():.4f} (std {after.std():.4f}, n={after.numel()})")
     print(f"change: {after.mean() - before.mean():+.4f} = {gain:+.2f} held-out std")

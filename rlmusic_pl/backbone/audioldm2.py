@@ -7,6 +7,7 @@ noise prediction, a DDIM step with its log-probability, and the latent <-> mel <
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from diffusers import AudioLDM2Pipeline, DDIMScheduler
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -95,6 +97,7 @@ class AudioLDM2Backbone(nn.Module):
         self.pipeline = pipeline
         self.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
         self.text_length = text_length
+        self.gradient_checkpointing = False
         self.requires_grad_(False)
         self.eval()
 
@@ -190,6 +193,19 @@ class AudioLDM2Backbone(nn.Module):
         eps_negative, eps_positive = eps.chunk(2)
         return eps_negative + guidance_scale * (eps_positive - eps_negative)
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each UNet block's activations during the backward pass (less memory, more compute).
+
+        diffusers' own switch is not used: in AudioLDM2's blocks (diffusers 0.42) its checkpointed
+        path passes the text attention mask positionally into Transformer2DModel's self-attention
+        ``attention_mask`` slot and fails.
+        """
+        for block in [*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks]:
+            if not getattr(block, "_rl_checkpointed", False):
+                block.forward = _checkpointed(block.forward)
+                block._rl_checkpointed = True
+        self.gradient_checkpointing = True
+
     def set_timesteps(self, num_steps: int) -> Tensor:
         self.scheduler.set_timesteps(num_steps, device=self.unet.device)
         return self.scheduler.timesteps
@@ -259,3 +275,13 @@ class AudioLDM2Backbone(nn.Module):
 
     def waveform_to_latents(self, waveforms: Tensor) -> Tensor:
         return self.mel_to_latents(self.waveform_to_mel(waveforms).to(self.vae.device))
+
+
+def _checkpointed(forward: Callable) -> Callable:
+    @functools.wraps(forward)
+    def forward_with_checkpoint(*args, **kwargs):
+        if torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+
+    return forward_with_checkpoint

@@ -74,7 +74,7 @@ class AudioLDM2Module(LightningModule):
         self.backbone = AudioLDM2Backbone.load(hp.backbone, seed=hp.backbone_seed, dtype=DTYPES[hp.frozen_dtype], text_length=hp.text_length)
         self.add_adapters(self.backbone.unet)
         if hp.gradient_checkpointing:
-            self.backbone.unet.enable_gradient_checkpointing()
+            self.backbone.enable_gradient_checkpointing()
         self.backbone.to(self.device)
 
     def add_adapters(self, unet: nn.Module) -> None:

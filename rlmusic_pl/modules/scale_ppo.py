@@ -26,6 +26,7 @@ The result, ``<run dir>/adapter`` (and ``export_to``), is the slider's adapter p
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -279,7 +280,7 @@ class ScalePPOModule(AudioLDM2Module):
     ) -> None:
         backbone_args.setdefault("lora_targets", "self_attention")
         super().__init__(**backbone_args)
-        if len(strengths) < 3 or strengths[0] != 0 or strengths[-1] != 1 or any(b <= a for a, b in zip(strengths, strengths[1:])):
+        if len(strengths) < 3 or strengths[0] != 0 or strengths[-1] != 1 or any(b <= a for a, b in itertools.pairwise(strengths)):
             raise ValueError(f"strengths must increase from 0 to 1 with at least one between, got {strengths}")
         if rollouts_per_prompt < 2 or rollouts_per_prompt % 2:
             raise ValueError(f"rollouts_per_prompt must be even and >= 2 (mirrored pairs), got {rollouts_per_prompt}")

@@ -120,3 +120,35 @@ def test_ddp_on_two_cpu_processes_keeps_ranks_in_agreement(tmp_path):
     assert sum(len(v) for v in states[0]["stat_tracker"]["buffers"].values()) == 2 * 2 * 2 * 2  # ranks x prompts x samples x epochs
     assert states[0]["lora_sum"] == pytest.approx(states[1]["lora_sum"], rel=1e-6)  # synchronised gradients
     assert states[0]["lora_sum"] != pytest.approx(states[0]["lora_sum_at_start"], rel=1e-6)  # and they did train
+
+
+def test_mixed_precision_keeps_lora_weights_in_float32(tmp_path):
+    from rlmusic_pl.lora import lora_parameters
+
+    module = DDPOModule(SpectralCentroidReward(), **TINY)
+    run = trainer(tmp_path, 1, precision="bf16-mixed")
+    run.fit(module, data())
+    assert all(p.dtype == torch.float32 for p in lora_parameters(module.backbone.unet))
+    assert torch.isfinite(run.callback_metrics["train/loss"])
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    from rlmusic_pl.lora import lora_parameters
+
+    batch = {"prompt": ["a happy piano", "a sad piano"], "negative_prompt": ["noise"] * 2, "attributes": [{}, {}]}
+    gradients, inner_calls = [], []
+    for checkpointing in (False, True):
+        module = DDPOModule(SpectralCentroidReward(), gradient_checkpointing=checkpointing, **TINY)
+        module.configure_model()
+        calls = []
+        rollouts = module.sample_rollouts(batch, torch.Generator().manual_seed(0))
+        rollouts.advantages = module.compute_advantages(rollouts)
+        module.backbone.set_timesteps(module.hparams.num_steps)
+        rows = torch.arange(len(rollouts.prompts))
+        module.backbone.unet.down_blocks[1].resnets[0].register_forward_hook(lambda *_: calls.append(1))
+        module.step_loss(rollouts, rows, torch.ones_like(rows)).loss.backward()
+        inner_calls.append(len(calls))
+        gradients.append(torch.cat([p.grad.flatten() for p in lora_parameters(module.backbone.unet)]))
+    assert inner_calls == [1, 2]  # recomputed in the backward pass
+    assert gradients[0].abs().sum() > 0
+    torch.testing.assert_close(gradients[1], gradients[0], rtol=1e-4, atol=1e-7)

@@ -33,7 +33,7 @@ def slider_dir(tmp_path_factory):
 
 
 def stage2(slider_dir, **kwargs) -> ScalePPOModule:
-    args = dict(slider=str(slider_dir), backbone="tiny", strengths=GRID, duration_s=DURATION, num_steps=STEPS, init_std=0.2)
+    args = {"slider": str(slider_dir), "backbone": "tiny", "strengths": GRID, "duration_s": DURATION, "num_steps": STEPS, "init_std": 0.2}
     module = ScalePPOModule(**{**args, **kwargs})
     module.configure_model()
     return module
