@@ -18,12 +18,14 @@ from lightning import Callback, Trainer
 
 from rlmusic_pl.data import PromptAttributeDataModule
 from rlmusic_pl.modules import DDPOModule
-from rlmusic_pl.rewards import BandEnergyReward, LoudnessReward, SpectralCentroidReward
+from rlmusic_pl.rewards import BandEnergyReward, LoudnessReward, SpectralCentroidReward, SpectralFluxReward, WeightedReward
 
 REWARDS = {
     "loudness": LoudnessReward,
     "centroid": SpectralCentroidReward,
     "low_band": lambda: BandEnergyReward(0.0, 500.0, name="low_band"),
+    "flux": SpectralFluxReward,
+    "steady": lambda: WeightedReward({"flux": SpectralFluxReward()}, {"flux": -1.0}, name="steady"),
 }
 
 TRAIN_PROMPTS = ["a bright piano", "a calm guitar", "an angry drum", "a happy violin"]
@@ -69,7 +71,7 @@ def main() -> None:
     parser.add_argument("--clip-range", type=float, default=0.2, help="PPO ratio clip")
     parser.add_argument("--duration", type=float, default=1.0, help="seconds of audio per sample")
     parser.add_argument("--steps", type=int, default=6, help="DDIM steps")
-    parser.add_argument("--reward", choices=sorted(REWARDS), default="low_band", help="the cheap deterministic reward to optimise")
+    parser.add_argument("--reward", choices=sorted(REWARDS), default="flux", help="the cheap deterministic reward to optimise")
     parser.add_argument("--targets", default="attention+conv", help="LoRA targets (preset or regex)")
     parser.add_argument("--inner-epochs", type=int, default=2, help="optimisation passes per DDPO epoch")
     parser.add_argument("--held-out-prompts", action="store_true", help="evaluate on other prompts (default: the training prompts with held-out noise)")

@@ -16,6 +16,7 @@ import json
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +28,8 @@ from peft.tuners.lora import LoraLayer
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from rlmusic_pl.data.audio import UMASK
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 SCALE_WEIGHTS = "scale_layers.safetensors"
@@ -184,16 +187,34 @@ def lora_strength(unet: nn.Module, strength: float | Tensor):
 
 # --------------------------------------------------------------------------------- files
 def _atomic_directory_write(directory: Path, write) -> None:
-    """Write files into a temporary sibling directory, then move each into ``directory``."""
-    directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory, prefix=".tmp-") as tmp:
-        write(Path(tmp))
-        for item in Path(tmp).iterdir():
-            item.replace(directory / item.name)
+    """Build the directory's whole content beside it, then swap it in.
+
+    Readers see the old adapter or the new one, never a mix, and no file of an earlier adapter
+    (e.g. a Stage-2 gain schedule) survives into a different one.
+    """
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.new-"))
+    try:
+        staging.chmod(0o777 & ~UMASK)
+        write(staging)
+        if directory.exists():
+            retired = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old-"))
+            directory.replace(retired / directory.name)
+            staging.replace(directory)
+            shutil.rmtree(retired)
+        else:
+            staging.replace(directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
-def save_lora(unet: nn.Module, directory: str | Path, extra_metadata: dict | None = None) -> Path:
-    """Save the adapter in diffusers' format plus the scale layers; returns the directory."""
+def save_lora(
+    unet: nn.Module, directory: str | Path, extra_metadata: dict | None = None, extra_files: Callable[[Path], None] | None = None
+) -> Path:
+    """Save the adapter in diffusers' format plus the scale layers; returns the directory.
+
+    ``extra_files(staging_dir)`` may add files (e.g. Stage 2's gain schedule) to the same atomic write.
+    """
     directory = Path(directory)
     settings = lora_settings(unet)
     # peft also returns the scale layers (submodules of its layers): they go to their own file.
@@ -209,6 +230,8 @@ def save_lora(unet: nn.Module, directory: str | Path, extra_metadata: dict | Non
     def write(tmp: Path) -> None:
         StableDiffusionLoraLoaderMixin.save_lora_weights(tmp, unet_lora_layers=weights, unet_lora_adapter_metadata=metadata, weight_name=LORA_WEIGHTS)
         save_file(gains, str(tmp / SCALE_WEIGHTS), metadata={"rlmusic_pl": json.dumps(info)})
+        if extra_files is not None:
+            extra_files(tmp)
 
     _atomic_directory_write(directory, write)
     return directory

@@ -115,10 +115,6 @@ class AudioLDM2Backbone(nn.Module):
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    @property
-    def mel_frames_per_second(self) -> float:
-        return self.sample_rate / AUDIOLDM_MEL.hop_length
-
     def num_samples(self, duration_s: float) -> int:
         # round, not int: 1.005 * 16000 is 16079.999... in floating point
         return round(duration_s * self.sample_rate)
@@ -151,6 +147,12 @@ class AudioLDM2Backbone(nn.Module):
         return self.text_encoder_2(tokens.input_ids.to(self.unet.device), attention_mask=mask)[0], mask
 
     def _encode_side(self, prompts: list[str]) -> TextConditioning:
+        # Each distinct text once (a batch repeats prompts k times and shares one negative prompt).
+        unique = list(dict.fromkeys(prompts))
+        index = torch.tensor([unique.index(p) for p in prompts], device=self.unet.device)
+        return self._encode_texts(unique).map(lambda t: t[index])
+
+    def _encode_texts(self, prompts: list[str]) -> TextConditioning:
         clap = self._clap_text_embeddings(prompts)
         t5, t5_mask = self._t5_embeddings(prompts)
         projected = self.projection_model(
@@ -226,19 +228,12 @@ class AudioLDM2Backbone(nn.Module):
         guidance_scale: float,
         eta: float,
         generator: torch.Generator | None = None,
-        before_step: Callable[[int], None] | None = None,
         progress: bool = False,
     ) -> SamplingResult:
-        """Run the stochastic DDIM loop from ``latents`` (x_T), recording every step and its log-prob.
-
-        ``before_step(i)`` is called before step ``i`` (e.g. to switch a slider on after a fraction of
-        the steps).
-        """
+        """Run the stochastic DDIM loop from ``latents`` (x_T), recording every step and its log-prob."""
         timesteps = self.set_timesteps(num_steps)
         trajectory, log_probs = [latents], []
-        for i, t in enumerate(tqdm(timesteps, desc="sampling", leave=False, disable=not progress)):
-            if before_step is not None:
-                before_step(i)
+        for t in tqdm(timesteps, desc="sampling", leave=False, disable=not progress):
             eps = self.predict_noise(latents, t, cond, guidance_scale)
             latents, log_prob = self.ddim_step(eps, t, latents, eta, generator=generator)
             trajectory.append(latents)

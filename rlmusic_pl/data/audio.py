@@ -53,6 +53,15 @@ class MelConfig:
 AUDIOLDM_MEL = MelConfig()
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _read_umask()  # read once, at import: os.umask cannot be read without being set
+
+
 @lru_cache(maxsize=8)
 def _mel_basis(config: MelConfig) -> torch.Tensor:
     basis = mel_filter_bank(
@@ -85,6 +94,8 @@ def log_mel(waveforms: torch.Tensor, config: MelConfig = AUDIOLDM_MEL) -> torch.
     wave = waveforms.unsqueeze(0) if squeeze else waveforms
     check_waveforms(wave)
     pad = (config.n_fft - config.hop_length) // 2
+    if wave.shape[-1] <= pad:
+        raise AudioError(f"waveforms of {wave.shape[-1]} samples are too short for a log-mel frame (need more than {pad})")
     wave = torch.nn.functional.pad(wave.float().unsqueeze(1), (pad, pad), mode="reflect").squeeze(1)
     spec = torch.stft(
         wave,
@@ -134,7 +145,7 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
+    os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600 files; give the usual permissions
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -153,12 +164,6 @@ def read_jsonl(path: str | os.PathLike, error: type[Exception], encoding: str = 
                 yield number, json.loads(line)
             except json.JSONDecodeError as err:
                 raise error(f"{path}:{number}: invalid JSON ({err.msg} at column {err.colno})") from None
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_wav(path: str | os.PathLike, waveform: torch.Tensor, sample_rate: int) -> None:

@@ -54,6 +54,8 @@ class MelSet:
 def _check_mel(mel: Any, where: str) -> Any:
     if mel.ndim != 2 or mel.shape[1] != AUDIOLDM_MEL.n_mels or mel.shape[0] == 0:
         raise DataFolderError(f"{where}: expected a log-mel array [frames, {AUDIOLDM_MEL.n_mels}], got shape {tuple(mel.shape)}")
+    if not np.isfinite(mel).all():
+        raise DataFolderError(f"{where}: the log-mel contains NaN or inf values")
     return mel
 
 

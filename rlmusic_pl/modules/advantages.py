@@ -47,7 +47,7 @@ class PerPromptStatTracker:
         return {"buffer_size": self.buffer_size, "min_count": self.min_count, "buffers": {p: list(b) for p, b in self.buffers.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.buffer_size, self.min_count = state["buffer_size"], state["min_count"]
+        """Restore the rewards; the configured buffer size and min count stay (a resume may change them)."""
         self.buffers = {p: deque(values, maxlen=self.buffer_size) for p, values in state["buffers"].items()}
 
 

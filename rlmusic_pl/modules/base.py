@@ -130,8 +130,11 @@ class AudioLDM2Module(LightningModule):
     def adapter_metadata(self) -> dict:
         return {"kind": type(self).__name__, "backbone": self.hparams.backbone}
 
+    def write_extra_adapter_files(self, directory: Path) -> None:
+        """Add module-specific files to an adapter export (written in the same atomic step)."""
+
     def export_adapter(self) -> Path:
-        return save_lora(self.backbone.unet, self.adapter_dir, self.adapter_metadata())
+        return save_lora(self.backbone.unet, self.adapter_dir, self.adapter_metadata(), self.write_extra_adapter_files)
 
     def on_fit_end(self) -> None:
         if self.trainer.is_global_zero:

@@ -27,7 +27,7 @@ from rlmusic_pl.backbone.conditioning import PromptConditioning
 from rlmusic_pl.callbacks.samples import SampleBatch
 from rlmusic_pl.lora import lora_parameters
 from rlmusic_pl.modules.advantages import PerPromptStatTracker, batch_advantages, group_advantages
-from rlmusic_pl.modules.base import AudioLDM2Module
+from rlmusic_pl.modules.base import AudioLDM2Module, CheckpointError
 from rlmusic_pl.modules.ppo import clipped_surrogate
 from rlmusic_pl.rewards.base import Reward, RewardResult
 
@@ -302,7 +302,7 @@ class DDPOModule(AudioLDM2Module):
         super().on_load_checkpoint(checkpoint)
         state = checkpoint.get("ddpo")
         if state is None:
-            raise ValueError("the checkpoint has no DDPO state (per-prompt statistics, counters): not saved by DDPOModule")
+            raise CheckpointError("the checkpoint has no DDPO state (per-prompt statistics, counters): not saved by DDPOModule")
         self.stat_tracker.load_state_dict(state["stat_tracker"])
         self.epochs_sampled = state["epochs_sampled"]
 

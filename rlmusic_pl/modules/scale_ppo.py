@@ -42,7 +42,7 @@ from rlmusic_pl.backbone.conditioning import PromptConditioning
 from rlmusic_pl.callbacks.samples import SampleBatch
 from rlmusic_pl.data.audio import atomic_write
 from rlmusic_pl.lora import SCALE_WEIGHTS, LoRAError, LoRASettings, load_lora, lora_parameters, read_adapter_info, scale_layers
-from rlmusic_pl.modules.base import AudioLDM2Module
+from rlmusic_pl.modules.base import AudioLDM2Module, CheckpointError
 from rlmusic_pl.modules.ppo import clipped_surrogate
 from rlmusic_pl.modules.slider import AttributeProbe, generate_at_strengths
 from rlmusic_pl.rewards.base import RewardResult
@@ -154,7 +154,10 @@ def load_gain_schedule(unet: nn.Module, directory: str | Path) -> GainSchedule |
     except Exception as err:  # safetensors, json and a missing key raise their own error types
         raise LoRAError(f"{path}: not a readable gain schedule ({err})") from err
     channels = {name: layer.gain.numel() for name, layer in scale_layers(unet).items()}
-    schedule = GainSchedule(channels, **settings).to(unet.device)
+    try:
+        schedule = GainSchedule(channels, **settings).to(unet.device)
+    except TypeError as err:
+        raise LoRAError(f"{path}: gain schedule settings {settings} do not fit this version ({err})") from err
     if schedule.mean.shape != mean.shape:
         raise LoRAError(f"{path}: holds {mean.numel()} coefficients, but the adapter's LoRA layers need {schedule.mean.numel()}")
     schedule.mean.data.copy_(mean)
@@ -320,6 +323,12 @@ class ScalePPOModule(AudioLDM2Module):
             param.requires_grad_(False)
         self.slider_info = info
 
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit" and self.trainer.world_size > 1:
+            raise ValueError("ScalePPOModule trains on one device: its PPO rollouts and gain policy are not synchronised "
+                             f"across processes (got {self.trainer.world_size}); use --trainer.devices=1")
+
     def configure_model(self) -> None:
         if self.backbone is not None:
             return
@@ -467,10 +476,8 @@ class ScalePPOModule(AudioLDM2Module):
         stage1 = {k: v for k, v in self.slider_info.items() if k not in ("settings", "kind", "backbone")}
         return {**stage1, **super().adapter_metadata(), "slider": str(self.hparams.slider), "gain_schedule": self.gain_schedule.settings}
 
-    def export_adapter(self) -> Path:
-        directory = super().export_adapter()
+    def write_extra_adapter_files(self, directory: Path) -> None:
         save_gain_schedule(self.gain_schedule, directory)
-        return directory
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -478,4 +485,6 @@ class ScalePPOModule(AudioLDM2Module):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
-        self.steps_sampled = checkpoint.get("scale_ppo", {}).get("steps_sampled", 0)
+        if "scale_ppo" not in checkpoint:
+            raise CheckpointError("the checkpoint has no Stage-2 state (steps sampled): not saved by ScalePPOModule")
+        self.steps_sampled = checkpoint["scale_ppo"]["steps_sampled"]

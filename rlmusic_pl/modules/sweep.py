@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import logging
 import math
 import tempfile
@@ -26,7 +28,7 @@ from torch import Tensor
 from rlmusic_pl.callbacks.prediction_writer import SweepWriter
 from rlmusic_pl.callbacks.samples import SampleBatch
 from rlmusic_pl.callbacks.sweep_clips import Clip, SweepClips
-from rlmusic_pl.data.audio import load_audio
+from rlmusic_pl.data.audio import atomic_write, load_audio
 from rlmusic_pl.evaluation import MusicEvaluator, mel_ssim
 from rlmusic_pl.lora import LORA_WEIGHTS, SCALE_WEIGHTS, LoRAError, load_lora, read_adapter_info, read_lora_state_dict
 from rlmusic_pl.modules.base import AudioLDM2Module
@@ -38,6 +40,9 @@ log = logging.getLogger(__name__)
 
 SSIM_METRIC = "ssim_to_strength0"
 TRAIN_FIRST = "python -m rlmusic_pl fit --config configs/tiny/slider_stage1.yaml"
+
+
+SETTINGS_FILE = "sweep_settings.json"
 
 
 class SweepError(ValueError):
@@ -182,6 +187,17 @@ class SweepModule(AudioLDM2Module):
         super().setup(stage)
         if stage == "predict":  # before the backbone loads
             check_writable(self.sweep_dir)
+            check_same_settings(self.sweep_dir, self.generation_settings())
+
+    def generation_settings(self) -> dict:
+        """Everything that decides a clip's audio besides its prompt, strength and seed."""
+        hp = self.hparams
+        adapter = hashlib.sha256()
+        for path in sorted(Path(hp.adapter).iterdir()):
+            if path.is_file():
+                adapter.update(path.name.encode() + path.read_bytes())
+        names = ("backbone", "backbone_seed", "text_length", "duration_s", "num_steps", "guidance_scale", "start_fraction")
+        return {"adapter_sha256": adapter.hexdigest(), **{name: hp[name] for name in names}}
 
     def on_predict_start(self) -> None:
         if not any(isinstance(c, SweepWriter) for c in self.trainer.callbacks):
@@ -279,6 +295,22 @@ class SweepModule(AudioLDM2Module):
 
 def chunks(items: list, size: int) -> list[list]:
     return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+def check_same_settings(directory: Path, settings: dict) -> None:
+    """Record the sweep's generation settings in ``directory``, or refuse clips made under other ones."""
+    path = directory / SETTINGS_FILE
+    if path.is_file():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        changed = sorted(k for k in settings.keys() | saved.keys() if saved.get(k) != settings.get(k))
+        if changed:
+            raise SweepError(
+                f"{directory} holds a sweep made with other settings ({', '.join(changed)} differ): its clips would be "
+                "reused as if they were this sweep's. Choose another --model.output_dir, or delete that folder"
+            )
+        return
+    text = json.dumps(settings, indent=2, sort_keys=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def check_writable(directory: Path) -> None:

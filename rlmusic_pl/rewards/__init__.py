@@ -4,7 +4,7 @@ from rlmusic_pl.rewards.base import Reward, RewardError, RewardResult
 from rlmusic_pl.rewards.clap import CLAPReward
 from rlmusic_pl.rewards.combined import WeightedReward
 from rlmusic_pl.rewards.emotion import EmotionReward
-from rlmusic_pl.rewards.simple import BandEnergyReward, LoudnessReward, SpectralCentroidReward
+from rlmusic_pl.rewards.simple import BandEnergyReward, LoudnessReward, SpectralCentroidReward, SpectralFluxReward
 from rlmusic_pl.rewards.stability import AttributeMonotonicityReward, SpectralStabilityReward, StrengthSweep, SweepReward, WeightedSweepReward
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "RewardError",
     "RewardResult",
     "SpectralCentroidReward",
+    "SpectralFluxReward",
     "WeightedReward",
     "AttributeMonotonicityReward",
     "SpectralStabilityReward",

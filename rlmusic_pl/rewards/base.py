@@ -69,7 +69,10 @@ class Reward(nn.Module):
             raise RewardError(
                 f"reward {self.name!r}: got {batch} waveforms but {len(prompts)} prompts and {len(attributes)} attribute sets"
             )
-        components = self.components(waveforms, sample_rate, prompts, attributes)
+        try:
+            components = self.components(waveforms, sample_rate, prompts, attributes)
+        except AudioError as err:
+            raise RewardError(f"reward {self.name!r}: {err}") from err
         for name, values in components.items():
             check_reward_values(name, values, batch)
         total = self.combine(components)

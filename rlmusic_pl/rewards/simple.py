@@ -1,4 +1,4 @@
-"""Cheap deterministic signal rewards (loudness, spectral centroid, band energy) for tests and demos.
+"""Cheap deterministic signal rewards (loudness, spectral centroid, band energy, flux) for tests and demos.
 
 They need no model, run in milliseconds and move predictably with simple changes of the audio
 (louder, brighter, more bass), which makes them useful to check that an RL loop climbs a reward.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from rlmusic_pl.data.audio import AUDIOLDM_MEL, log_mel, resample
 from rlmusic_pl.rewards.base import Reward
 
 EPS = 1e-8
@@ -101,3 +102,26 @@ class BandEnergyReward(Reward):
         energy = spec.pow(2).sum(dim=2)  # [B, freq]
         in_band = (freqs >= self.low_hz) & (freqs <= self.high_hz)
         return energy[:, in_band].sum(dim=1) / (energy.sum(dim=1) + EPS)
+
+
+class SpectralFluxReward(Reward):
+    """Busyness: the mean absolute frame-to-frame change of the log-mel spectrogram (AudioLDM's, at 16 kHz).
+
+    Higher for changing, eventful audio; lower for steady tones. To reward steadiness, give it a
+    negative weight in a ``WeightedReward``, or set ``target``.
+
+    Args:
+        target: if set, the reward is ``-|flux - target|``.
+        name: the name under which the reward is logged.
+    """
+
+    def __init__(self, target: float | None = None, name: str = "spectral_flux") -> None:
+        super().__init__(name)
+        self.target = target
+
+    def forward(self, waveforms: Tensor, sample_rate: int, prompts: list[str], attributes: list[dict[str, str]]) -> Tensor:
+        mel = log_mel(resample(waveforms, sample_rate, AUDIOLDM_MEL.sample_rate))
+        if mel.shape[1] < 2:
+            return torch.zeros(waveforms.shape[0], device=waveforms.device)
+        flux = (mel[:, 1:] - mel[:, :-1]).abs().mean(dim=(1, 2))
+        return distance_to_target(flux, self.target)

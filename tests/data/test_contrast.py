@@ -103,3 +103,16 @@ def test_contrast_sets_are_built_from_a_config(tmp_path):
     data = parser.instantiate_classes(config).data
     assert isinstance(data.contrast, SyntheticContrastSets)
     assert len(data.contrast.pairs()) == 4 and (tmp_path / "syn" / "dull" / "dull_001.wav").is_file()
+
+
+def test_a_feature_file_with_nan_is_a_clear_error(tmp_path):
+    import numpy as np
+
+    from rlmusic_pl.data.contrast import _read_feature_file
+    from rlmusic_pl.data.prepare import DataFolderError
+
+    mel = np.zeros((50, 64), dtype=np.float32)
+    mel[3, 5] = np.nan
+    np.save(tmp_path / "bad.npy", mel)
+    with pytest.raises(DataFolderError, match="bad.npy.*NaN"):
+        _read_feature_file(tmp_path / "bad.npy")

@@ -44,7 +44,7 @@ def test_first_batch_uses_batch_statistics_until_min_count():
 def test_tracker_state_round_trip():
     tracker = PerPromptStatTracker(buffer_size=3, min_count=1)
     tracker.update(["a", "b"], torch.tensor([1.0, 2.0]))
-    restored = PerPromptStatTracker()
+    restored = PerPromptStatTracker(buffer_size=3, min_count=1)
     restored.load_state_dict(tracker.state_dict())
     batch = (["a", "b", "a"], torch.tensor([0.5, 1.5, 2.5]))
     torch.testing.assert_close(restored.update(*batch), tracker.update(*batch))
@@ -61,3 +61,12 @@ def test_group_advantages_normalise_each_group_on_its_own():
 def test_batch_advantages_have_zero_mean_unit_std():
     got = batch_advantages(torch.tensor([1.0, 2.0, 6.0]))
     assert got.mean().abs() < 1e-6 and got.std(unbiased=False) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_restoring_state_keeps_the_configured_sizes():
+    saved = PerPromptStatTracker(buffer_size=4, min_count=2)
+    saved.update(["a"] * 3, torch.tensor([1.0, 2.0, 3.0]))
+    resumed = PerPromptStatTracker(buffer_size=16, min_count=16)
+    resumed.load_state_dict(saved.state_dict())
+    assert (resumed.buffer_size, resumed.min_count) == (16, 16)
+    assert list(resumed.buffers["a"]) == [1.0, 2.0, 3.0] and resumed.buffers["a"].maxlen == 16

@@ -181,3 +181,19 @@ def test_two_processes_split_the_sweep_and_write_the_same_table(adapter, tmp_pat
     assert result.returncode == 0, result.stderr[-3000:]
     assert (split / "table.csv").read_text() == (single / "table.csv").read_text()
     assert len(list((split / "audio").glob("*.wav"))) == PROMPTS * STRENGTHS * SEEDS
+
+
+def test_an_output_directory_of_a_sweep_with_other_settings_is_refused(adapter, tmp_path):
+    def run(adapter_dir: Path = adapter, num_steps: int = 2) -> None:
+        module = SweepModule(adapter=str(adapter_dir), output_dir=str(tmp_path / "sweep"), backbone="tiny", strengths=[0.0, 1.0],
+                             seeds=[0], duration_s=DURATION_S, num_steps=num_steps)
+        trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.predict(module, PromptAttributeDataModule(prompts=["a piano"]), return_predictions=False)
+
+    run()
+    assert json.loads((tmp_path / "sweep" / "sweep_settings.json").read_text())["num_steps"] == 2
+    run()  # the same settings: resumes
+    with pytest.raises(SweepError, match="num_steps differ"):
+        run(num_steps=3)
+    with pytest.raises(SweepError, match="adapter_sha256 differ"):
+        run(adapter_dir=make_adapter(tmp_path / "other", kind="DDPOModule"))

@@ -68,3 +68,22 @@ def test_band_energy_is_the_fraction_inside_the_band():
 def test_band_energy_rejects_an_empty_band():
     with pytest.raises(ValueError, match="low_hz"):
         BandEnergyReward(low_hz=500.0, high_hz=100.0)
+
+
+def test_spectral_flux_is_higher_for_changing_audio_than_for_a_steady_tone():
+    from rlmusic_pl.rewards import SpectralFluxReward
+
+    t = torch.arange(16000) / 16000
+    steady = 0.5 * torch.sin(2 * torch.pi * 440 * t)
+    changing = 0.5 * torch.sin(2 * torch.pi * 440 * t) * (torch.sin(2 * torch.pi * 8 * t) > 0).float()  # 8 Hz gating
+    values = SpectralFluxReward()(torch.stack([steady, changing]), 16000, ["a", "b"], [{}, {}])
+    assert values[1] > 2 * values[0]
+    on_target = SpectralFluxReward(target=values[0].item())(torch.stack([steady, changing]), 16000, ["a", "b"], [{}, {}])
+    assert on_target[0] == pytest.approx(0.0, abs=1e-6) and on_target[1] < 0
+
+
+def test_a_clip_too_short_for_one_mel_frame_is_a_clear_error():
+    from rlmusic_pl.rewards import RewardError, SpectralFluxReward
+
+    with pytest.raises(RewardError, match="too short"):
+        SpectralFluxReward().evaluate(torch.zeros(1, 100), 16000, ["a"], [{}])
