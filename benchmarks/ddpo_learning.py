@@ -54,8 +54,8 @@ def held_out_reward(module: DDPOModule, prompts: list[str], samples_per_prompt: 
 
 def build(seed: int, args: argparse.Namespace) -> DDPOModule:
     module = DDPOModule(
-        REWARDS[args.reward](), backbone="tiny", duration_s=args.duration, num_steps=args.steps, samples_per_prompt=4,
-        sample_batch_size=16, train_batch_size=8, timestep_fraction=1.0, learning_rate=args.lr, clip_range=args.clip_range,
+        REWARDS[args.reward](), backbone="tiny", duration_s=args.duration, num_steps=args.steps, samples_per_prompt=args.samples_per_prompt,
+        sample_batch_size=16, train_batch_size=16, timestep_fraction=1.0, learning_rate=args.lr, clip_range=args.clip_range,
         stat_min_count=8, lora_rank=8, lora_alpha=8.0, lora_targets=args.targets, seed=seed, max_grad_norm=1.0,
         inner_epochs=args.inner_epochs,
     )
@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--reward", choices=sorted(REWARDS), default="flux", help="the cheap deterministic reward to optimise")
     parser.add_argument("--targets", default="attention+conv", help="LoRA targets (preset or regex)")
     parser.add_argument("--inner-epochs", type=int, default=2, help="optimisation passes per DDPO epoch")
+    parser.add_argument("--samples-per-prompt", type=int, default=4, help="samples of each of the 4 training prompts per epoch")
     parser.add_argument("--held-out-prompts", action="store_true", help="evaluate on other prompts (default: the training prompts with held-out noise)")
     parser.add_argument("--held-out-samples", type=int, default=4, help="held-out samples per held-out prompt")
     args = parser.parse_args()

@@ -59,6 +59,7 @@ class LoRASettings:
         targets: a preset (``attention``, ``self_attention``, ``attention+conv``,
             ``self_attention+conv``) or a regular expression over UNet module names.
         per_channel_scale: scale layers with one gain per output channel (else one per layer).
+        init_seed: seed of the LoRA A weights' random initialisation (None: the global random state).
     """
 
     rank: int = 4
@@ -195,8 +196,10 @@ def _atomic_directory_write(directory: Path, write) -> None:
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.new-"))
     try:
-        staging.chmod(0o777 & ~UMASK)
         write(staging)
+        staging.chmod(0o777 & ~UMASK)
+        for item in staging.iterdir():  # mkdtemp and safetensors create owner-only entries
+            item.chmod(0o666 & ~UMASK)
         if directory.exists():
             retired = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old-"))
             directory.replace(retired / directory.name)

@@ -309,3 +309,15 @@ def test_target_mismatch_is_a_clear_error(saved_adapter):
     with pytest.raises(LoRAError, match=re.escape(str(directory))) as info:
         load_lora(tiny_backbone().unet, directory, LoRASettings(rank=4, alpha=8.0, targets="self_attention"))
     assert "targets" in str(info.value)
+
+
+def test_saving_over_an_adapter_replaces_it_whole_with_readable_files(tmp_path):
+    backbone = tiny_backbone()
+    add_lora(backbone.unet, LoRASettings(rank=2))
+    target = tmp_path / "adapter"
+    save_lora(backbone.unet, target, extra_files=lambda d: (d / "gain_schedule.safetensors").write_bytes(b"stage 2"))
+    assert (target / "gain_schedule.safetensors").is_file()
+    save_lora(backbone.unet, target)  # a Stage-1 slider exported where a Stage-2 adapter was
+    assert sorted(p.name for p in target.iterdir()) == ["pytorch_lora_weights.safetensors", "scale_layers.safetensors"]
+    assert all(p.stat().st_mode & 0o044 for p in target.iterdir())  # group/other can read (mkstemp alone gives 0600)
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no staging directories left behind

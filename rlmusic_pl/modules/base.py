@@ -14,6 +14,13 @@ from rlmusic_pl.lora import LoRASettings, add_lora, copy_adapter, save_lora
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def check_positive(error: type[Exception] = ValueError, **values: float) -> None:
+    """Raise ``error`` naming the first argument that is not > 0."""
+    for name, value in values.items():
+        if value <= 0:
+            raise error(f"{name} must be > 0, got {value}")
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint does not hold what this module needs to continue."""
 
@@ -97,7 +104,7 @@ class AudioLDM2Module(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if self.is_trainable_state(k)}
-        if self.trainer is not None and self.trainer.is_global_zero and self.backbone is not None:
+        if self.backbone is not None:
             self.export_adapter()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -133,11 +140,14 @@ class AudioLDM2Module(LightningModule):
     def write_extra_adapter_files(self, directory: Path) -> None:
         """Add module-specific files to an adapter export (written in the same atomic step)."""
 
-    def export_adapter(self) -> Path:
-        return save_lora(self.backbone.unet, self.adapter_dir, self.adapter_metadata(), self.write_extra_adapter_files)
+    def export_adapter(self) -> Path | None:
+        """Write the adapter on global rank 0; call it on every rank (metadata may need collectives)."""
+        metadata = self.adapter_metadata()
+        if self._trainer is not None and not self.trainer.is_global_zero:
+            return None
+        return save_lora(self.backbone.unet, self.adapter_dir, metadata, self.write_extra_adapter_files)
 
     def on_fit_end(self) -> None:
-        if self.trainer.is_global_zero:
-            exported = self.export_adapter()
-            if self.hparams.export_to:
-                copy_adapter(exported, self.hparams.export_to)
+        exported = self.export_adapter()
+        if exported is not None and self.hparams.export_to:
+            copy_adapter(exported, self.hparams.export_to)

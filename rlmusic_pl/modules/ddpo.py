@@ -27,7 +27,7 @@ from rlmusic_pl.backbone.conditioning import PromptConditioning
 from rlmusic_pl.callbacks.samples import SampleBatch
 from rlmusic_pl.lora import lora_parameters
 from rlmusic_pl.modules.advantages import PerPromptStatTracker, batch_advantages, group_advantages
-from rlmusic_pl.modules.base import AudioLDM2Module, CheckpointError
+from rlmusic_pl.modules.base import AudioLDM2Module, CheckpointError, check_positive
 from rlmusic_pl.modules.ppo import clipped_surrogate
 from rlmusic_pl.rewards.base import Reward, RewardResult
 
@@ -111,7 +111,7 @@ class DDPOModule(AudioLDM2Module):
         **backbone_args,
     ) -> None:
         super().__init__(**backbone_args)
-        _check_positive(num_steps=num_steps, samples_per_prompt=samples_per_prompt, sample_batch_size=sample_batch_size,
+        check_positive(num_steps=num_steps, samples_per_prompt=samples_per_prompt, sample_batch_size=sample_batch_size,
                         train_batch_size=train_batch_size, inner_epochs=inner_epochs, gradient_accumulation=gradient_accumulation,
                         duration_s=duration_s, eta=eta, clip_range=clip_range)
         if not 0 < timestep_fraction <= 1:
@@ -306,8 +306,3 @@ class DDPOModule(AudioLDM2Module):
         self.stat_tracker.load_state_dict(state["stat_tracker"])
         self.epochs_sampled = state["epochs_sampled"]
 
-
-def _check_positive(**values: float) -> None:
-    for name, value in values.items():
-        if value <= 0:
-            raise ValueError(f"{name} must be > 0, got {value}")

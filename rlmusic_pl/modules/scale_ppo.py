@@ -42,7 +42,7 @@ from rlmusic_pl.backbone.conditioning import PromptConditioning
 from rlmusic_pl.callbacks.samples import SampleBatch
 from rlmusic_pl.data.audio import atomic_write
 from rlmusic_pl.lora import SCALE_WEIGHTS, LoRAError, LoRASettings, load_lora, lora_parameters, read_adapter_info, scale_layers
-from rlmusic_pl.modules.base import AudioLDM2Module, CheckpointError
+from rlmusic_pl.modules.base import AudioLDM2Module, CheckpointError, check_positive
 from rlmusic_pl.modules.ppo import clipped_surrogate
 from rlmusic_pl.modules.slider import AttributeProbe, generate_at_strengths
 from rlmusic_pl.rewards.base import RewardResult
@@ -289,10 +289,7 @@ class ScalePPOModule(AudioLDM2Module):
             raise ValueError(f"rollouts_per_prompt must be even and >= 2 (mirrored pairs), got {rollouts_per_prompt}")
         if conditioning not in FEATURES:
             raise ValueError(f"conditioning must be one of {sorted(FEATURES)}, got {conditioning!r}")
-        for name, value in (("init_std", init_std), ("clip_range", clip_range), ("ppo_epochs", ppo_epochs),
-                            ("duration_s", duration_s), ("num_steps", num_steps)):
-            if value <= 0:
-                raise ValueError(f"{name} must be > 0, got {value}")
+        check_positive(init_std=init_std, clip_range=clip_range, ppo_epochs=ppo_epochs, duration_s=duration_s, num_steps=num_steps)
         if not 0.0 <= start_fraction <= 1.0:
             raise ValueError(f"start_fraction must be in [0, 1], got {start_fraction}")
         self.automatic_optimization = False

@@ -31,7 +31,7 @@ from rlmusic_pl.backbone.audioldm2 import AudioLDM2Backbone
 from rlmusic_pl.backbone.conditioning import PromptConditioning
 from rlmusic_pl.callbacks.samples import SampleBatch
 from rlmusic_pl.lora import lora_parameters, lora_strength, set_strength
-from rlmusic_pl.modules.base import AudioLDM2Module
+from rlmusic_pl.modules.base import AudioLDM2Module, check_positive
 
 
 @dataclass
@@ -188,8 +188,7 @@ class SliderModule(AudioLDM2Module):
             raise ValueError("val_strengths must not be empty")
         if not 0.0 <= start_fraction <= 1.0:
             raise ValueError(f"start_fraction must be in [0, 1], got {start_fraction}")
-        if val_num_steps < 1 or duration_s <= 0:
-            raise ValueError(f"val_num_steps and duration_s must be positive, got {val_num_steps} and {duration_s}")
+        check_positive(val_num_steps=val_num_steps, duration_s=duration_s)
         self.attribute_probe: AttributeProbe | None = None
         self.contrast_labels: dict[str, str] = {}
         self._generator: torch.Generator | None = None
@@ -306,7 +305,7 @@ class SliderModule(AudioLDM2Module):
     # --------------------------------------------------------------------------- export
     def adapter_metadata(self) -> dict:
         metadata = {**super().adapter_metadata(), "strengths": list(self.hparams.strengths), "contrast": self.contrast_labels}
-        means = self.attribute_probe.means() if self.attribute_probe is not None else None
+        means = self.attribute_probe.means(self._sum_over_processes()) if self.attribute_probe is not None else None
         if means is not None:
             metadata["attribute_probe"] = {"positive_mean": means[0].tolist(), "negative_mean": means[1].tolist()}
         return metadata

@@ -31,7 +31,7 @@ from rlmusic_pl.callbacks.sweep_clips import Clip, SweepClips
 from rlmusic_pl.data.audio import atomic_write, load_audio
 from rlmusic_pl.evaluation import MusicEvaluator, mel_ssim
 from rlmusic_pl.lora import LORA_WEIGHTS, SCALE_WEIGHTS, LoRAError, load_lora, read_adapter_info, read_lora_state_dict
-from rlmusic_pl.modules.base import AudioLDM2Module
+from rlmusic_pl.modules.base import AudioLDM2Module, check_positive
 from rlmusic_pl.modules.scale_ppo import load_gain_schedule
 from rlmusic_pl.modules.slider import generate_at_strengths
 from rlmusic_pl.rewards.base import Reward
@@ -149,9 +149,7 @@ class SweepModule(AudioLDM2Module):
         super().__init__(**backbone_args)
         self.strengths = check_strengths(strengths)
         self.seeds = check_seeds(seeds)
-        for name, value in (("duration_s", duration_s), ("num_steps", num_steps), ("sample_batch_size", sample_batch_size)):
-            if value <= 0:
-                raise SweepError(f"{name} must be > 0, got {value}")
+        check_positive(SweepError, duration_s=duration_s, num_steps=num_steps, sample_batch_size=sample_batch_size)
         if not 0.0 <= start_fraction < 1.0:
             raise SweepError(f"start_fraction must be in [0, 1), got {start_fraction}")
         self.adapter_path = resolve_adapter(adapter)
