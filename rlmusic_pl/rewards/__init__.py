@@ -5,7 +5,13 @@ from rlmusic_pl.rewards.clap import CLAPReward
 from rlmusic_pl.rewards.combined import WeightedReward
 from rlmusic_pl.rewards.emotion import EmotionReward
 from rlmusic_pl.rewards.simple import BandEnergyReward, LoudnessReward, SpectralCentroidReward, SpectralFluxReward
-from rlmusic_pl.rewards.stability import AttributeMonotonicityReward, SpectralStabilityReward, StrengthSweep, SweepReward, WeightedSweepReward
+from rlmusic_pl.rewards.stability import (
+    AttributeMonotonicityReward,
+    SpectralStabilityReward,
+    StrengthSweep,
+    SweepReward,
+    WeightedSweepReward,
+)
 
 __all__ = [
     "BandEnergyReward",

@@ -7,6 +7,19 @@ from torch import Tensor, nn
 from rlmusic_pl.rewards.base import Reward
 
 
+def weights_by_name(owner: str, rewards: dict, weights: dict[str, float] | None) -> dict[str, float]:
+    """Each named reward's weight (default 1.0), after checking the names; errors name ``owner``."""
+    if not rewards:
+        raise ValueError(f"{owner}: `rewards` is empty; give at least one named reward")
+    bad_names = [key for key in rewards if not key or "." in key]
+    if bad_names:
+        raise ValueError(f"{owner}: reward names must be non-empty and contain no '.', got {bad_names}")
+    unknown = sorted(set(weights or {}) - set(rewards))
+    if unknown:
+        raise ValueError(f"{owner}: weights name unknown rewards {unknown}; the rewards are {sorted(rewards)}")
+    return {key: float((weights or {}).get(key, 1.0)) for key in rewards}
+
+
 class WeightedReward(Reward):
     """Total = sum over named rewards of weight * that reward's own total.
 
@@ -21,16 +34,8 @@ class WeightedReward(Reward):
 
     def __init__(self, rewards: dict[str, Reward], weights: dict[str, float] | None = None, name: str = "total") -> None:
         super().__init__(name)
-        if not rewards:
-            raise ValueError("WeightedReward: `rewards` is empty; give at least one named reward")
-        bad_names = [key for key in rewards if not key or "." in key]
-        if bad_names:
-            raise ValueError(f"WeightedReward: reward names must be non-empty and contain no '.', got {bad_names}")
-        unknown = sorted(set(weights or {}) - set(rewards))
-        if unknown:
-            raise ValueError(f"WeightedReward: weights name unknown rewards {unknown}; the rewards are {sorted(rewards)}")
+        self.weights = weights_by_name(type(self).__name__, rewards, weights)
         self.rewards = nn.ModuleDict(rewards)
-        self.weights = {key: float((weights or {}).get(key, 1.0)) for key in rewards}
 
     def forward(self, waveforms: Tensor, sample_rate: int, prompts: list[str], attributes: list[dict[str, str]]) -> Tensor:
         return self.combine(self.components(waveforms, sample_rate, prompts, attributes))

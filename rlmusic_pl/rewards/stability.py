@@ -24,6 +24,7 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 
 from rlmusic_pl.data.audio import AUDIOLDM_MEL, AudioError, check_waveforms, log_mel, resample
 from rlmusic_pl.rewards.base import RewardError, RewardResult, check_reward_values
+from rlmusic_pl.rewards.combined import weights_by_name
 
 EPS = 1e-8
 
@@ -187,13 +188,8 @@ class WeightedSweepReward(SweepReward):
 
     def __init__(self, rewards: dict[str, SweepReward], weights: dict[str, float] | None = None, name: str = "total") -> None:
         super().__init__(name)
-        if not rewards:
-            raise ValueError("WeightedSweepReward: `rewards` is empty; give at least one named sweep reward")
-        unknown = sorted(set(weights or {}) - set(rewards))
-        if unknown:
-            raise ValueError(f"WeightedSweepReward: weights name unknown rewards {unknown}; the rewards are {sorted(rewards)}")
+        self.weights = weights_by_name(type(self).__name__, rewards, weights)
         self.rewards = nn.ModuleDict(rewards)
-        self.weights = {key: float((weights or {}).get(key, 1.0)) for key in rewards}
 
     def forward(self, sweep: StrengthSweep) -> Tensor:
         return self.combine(self.components(sweep))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rlmusic_pl.data import PromptAttributeDataModule, SyntheticContrastSets
-from rlmusic_pl.lora import lora_layers, lora_parameters, lora_strength, load_lora, read_adapter_info
+from rlmusic_pl.lora import load_lora, lora_layers, lora_parameters, lora_strength, read_adapter_info
 from rlmusic_pl.modules import SliderModule, generate_at_strengths
 from rlmusic_pl.modules.slider import noised_pair
 
