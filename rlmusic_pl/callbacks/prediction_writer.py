@@ -73,6 +73,7 @@ class SweepWriter(BasePredictionWriter):
         dataset = getattr(trainer.predict_dataloaders, "dataset", None)
         total = len(dataset) * clips_per_item if trainer.world_size == 1 and dataset is not None else None
         self._bar = tqdm(total=total, desc="sweep clips", unit="clip", disable=not (self.progress and trainer.is_global_zero))
+        self._generated = 0
 
     def write_on_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, prediction: SweepClips, batch_indices, batch, batch_idx: int, dataloader_idx: int
@@ -88,8 +89,9 @@ class SweepWriter(BasePredictionWriter):
             prompt_index = batch_indices[clip.item] if batch_indices else batch_idx * len(batch["prompt"]) + clip.item
             self._rows.append(table_row(clip, prompt_index))
         if self._bar is not None:
+            self._generated += len(prediction.new_audio)
             self._bar.update(len(prediction.clips))
-            self._bar.set_postfix(generated=len(prediction.new_audio))
+            self._bar.set_postfix(generated=self._generated)
 
     def write_on_epoch_end(self, trainer: Trainer, pl_module: LightningModule, predictions, batch_indices) -> None:
         if self._bar is not None:
