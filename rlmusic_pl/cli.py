@@ -21,21 +21,21 @@ from rlmusic_pl.data import prepare, synthetic
 DATA_COMMANDS = {"prepare": prepare.main, "synthesize": synthetic.main}
 
 
+DESCRIPTION = (
+    "rlmusic_pl: DDPO, concept-slider (Stage 1) and PPO scale-layer (Stage 2) training of AudioLDM2, and "
+    "attribute-strength sweeps (predict). Give a config: python -m rlmusic_pl fit --config configs/tiny/ddpo_clap.yaml. "
+    "Data commands: python -m rlmusic_pl prepare --help (audio folder -> log-mel features), "
+    "python -m rlmusic_pl synthesize --help (synthetic contrasting sets)."
+)
+
+
 class RLMusicCLI(LightningCLI):
     """LightningCLI with the library's defaults: any LightningModule / LightningDataModule by class path."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})  # re-running into a run directory must not fail
-        kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf"} if _has_omegaconf() else {})
+        kwargs.setdefault("parser_kwargs", {"description": DESCRIPTION})
         super().__init__(LightningModule, LightningDataModule, *args, subclass_mode_model=True, subclass_mode_data=True, **kwargs)
-
-
-def _has_omegaconf() -> bool:
-    try:
-        import omegaconf  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def main(args: list[str] | None = None) -> None:
