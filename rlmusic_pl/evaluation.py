@@ -15,7 +15,6 @@ from torchmetrics.classification import MulticlassStatScores
 from rlmusic_pl.rewards.base import Reward
 from rlmusic_pl.rewards.clap import CLAPReward
 from rlmusic_pl.rewards.emotion import EMOTIONS, EmotionReward, emotion_index
-from rlmusic_pl.rewards.stability import mel_ssim, normalized_log_mels  # noqa: F401 (defined with the Stage-2 stability reward)
 
 
 class MusicEvaluator(nn.Module):

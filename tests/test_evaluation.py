@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from rlmusic_pl.evaluation import MusicEvaluator, mel_ssim
+from rlmusic_pl.evaluation import MusicEvaluator
 from rlmusic_pl.rewards import CLAPReward, EmotionReward, SpectralCentroidReward
+from rlmusic_pl.rewards.stability import mel_ssim
 
 SR = 16000
 

@@ -29,12 +29,13 @@ from rlmusic_pl.callbacks.prediction_writer import SweepWriter
 from rlmusic_pl.callbacks.samples import SampleBatch
 from rlmusic_pl.callbacks.sweep_clips import Clip, SweepClips
 from rlmusic_pl.data.audio import atomic_write, load_audio
-from rlmusic_pl.evaluation import MusicEvaluator, mel_ssim
+from rlmusic_pl.evaluation import MusicEvaluator
 from rlmusic_pl.lora import LORA_WEIGHTS, SCALE_WEIGHTS, LoRAError, load_lora, read_adapter_info, read_lora_state_dict
 from rlmusic_pl.modules.base import AudioLDM2Module, check_positive
 from rlmusic_pl.modules.scale_ppo import load_gain_schedule
 from rlmusic_pl.modules.slider import generate_at_strengths
 from rlmusic_pl.rewards.base import Reward
+from rlmusic_pl.rewards.stability import mel_ssim
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ from rlmusic_pl.backbone.audioldm2 import AudioLDM2Backbone
 from rlmusic_pl.cli import main
 from rlmusic_pl.data import PromptAttributeDataModule
 from rlmusic_pl.data.audio import load_audio
-from rlmusic_pl.evaluation import mel_ssim
 from rlmusic_pl.lora import LORA_WEIGHTS, LoRAError, LoRASettings, add_lora, lora_parameters, save_lora
 from rlmusic_pl.modules import SweepError, SweepModule
 from rlmusic_pl.rewards import SpectralCentroidReward
+from rlmusic_pl.rewards.stability import mel_ssim
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_SWEEP = str(ROOT / "configs" / "tiny" / "sweep.yaml")
