@@ -22,6 +22,7 @@ from rlmusic_pl.rewards import BandEnergyReward, LoudnessReward, SpectralCentroi
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="tiny", help="'tiny' (random weights) or a directory, e.g. from benchmarks/train_tiny_backbone.py")
     parser.add_argument("--batch", type=int, default=8, help="samples in the batch")
     parser.add_argument("--duration", type=float, default=1.0, help="seconds per sample")
     parser.add_argument("--steps", type=int, default=6, help="DDIM steps")
@@ -30,7 +31,7 @@ def main() -> None:
     torch.set_num_threads(1)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    backbone = AudioLDM2Backbone.load("tiny")
+    backbone = AudioLDM2Backbone.load(args.backbone)
     add_lora(backbone.unet, LoRASettings(rank=8, alpha=8.0, targets="attention+conv", init_seed=0))
     rewards = [LoudnessReward(), SpectralCentroidReward(), BandEnergyReward(0.0, 500.0, name="low_band"), SpectralFluxReward()]
     cond = backbone.encode_prompts(["a soft flute"] * args.batch, ["noise"] * args.batch)

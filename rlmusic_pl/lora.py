@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -29,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from rlmusic_pl.data.audio import UMASK
+from rlmusic_pl.data.audio import atomic_directory_write
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 SCALE_WEIGHTS = "scale_layers.safetensors"
@@ -187,30 +186,6 @@ def lora_strength(unet: nn.Module, strength: float | Tensor):
 
 
 # --------------------------------------------------------------------------------- files
-def _atomic_directory_write(directory: Path, write) -> None:
-    """Build the directory's whole content beside it, then swap it in.
-
-    Readers see the old adapter or the new one, never a mix, and no file of an earlier adapter
-    (e.g. a Stage-2 gain schedule) survives into a different one.
-    """
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.new-"))
-    try:
-        write(staging)
-        staging.chmod(0o777 & ~UMASK)
-        for item in staging.iterdir():  # mkdtemp and safetensors create owner-only entries
-            item.chmod(0o666 & ~UMASK)
-        if directory.exists():
-            retired = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old-"))
-            directory.replace(retired / directory.name)
-            staging.replace(directory)
-            shutil.rmtree(retired)
-        else:
-            staging.replace(directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
 def save_lora(
     unet: nn.Module, directory: str | Path, extra_metadata: dict | None = None, extra_files: Callable[[Path], None] | None = None
 ) -> Path:
@@ -236,7 +211,7 @@ def save_lora(
         if extra_files is not None:
             extra_files(tmp)
 
-    _atomic_directory_write(directory, write)
+    atomic_directory_write(directory, write)
     return directory
 
 
@@ -326,4 +301,4 @@ def _load_gains(unet: nn.Module, path: Path) -> None:
 
 def copy_adapter(source: str | Path, destination: str | Path) -> None:
     """Copy an adapter directory's files (e.g. into ``checkpoints/``)."""
-    _atomic_directory_write(Path(destination), lambda tmp: [shutil.copy2(f, tmp / f.name) for f in Path(source).iterdir() if f.is_file()])
+    atomic_directory_write(Path(destination), lambda tmp: [shutil.copy2(f, tmp / f.name) for f in Path(source).iterdir() if f.is_file()])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -152,6 +153,36 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_directory_write(directory: str | os.PathLike, write) -> None:
+    """Call ``write(staging_dir)`` on an empty directory beside ``directory``, then swap it in.
+
+    Readers see the old content or the new, never a mix, and no file of the old content survives
+    into the new.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.new-"))
+    try:
+        write(staging)
+        _give_usual_permissions(staging)
+        if directory.exists():
+            retired = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old-"))
+            directory.replace(retired / directory.name)
+            staging.replace(directory)
+            shutil.rmtree(retired)
+        else:
+            staging.replace(directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _give_usual_permissions(root: Path) -> None:
+    # mkdtemp and some writers (safetensors) create owner-only entries.
+    root.chmod(0o777 & ~UMASK)
+    for path in root.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~UMASK)
 
 
 def read_jsonl(path: str | os.PathLike, error: type[Exception], encoding: str = "utf-8") -> Iterator[tuple[int, object]]:

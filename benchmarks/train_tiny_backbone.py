@@ -1,0 +1,165 @@
+"""Train the tiny AudioLDM2 briefly on synthetic notes, so that DDPO's learning can be shown on a CPU.
+
+The random tiny preset keeps the real model's interfaces but is no generative model: its UNet's
+noise prediction makes DDIM's latents explode (std ~22), its decoder normalises them away and its
+random vocoder imposes its own spectrum, so no policy moves an audio reward much
+(``benchmarks/tiny_reward_sensitivity.py``). This script turns the same architecture into a small
+working text-to-audio model on synthetic data (``rlmusic_pl.data.synthetic``: notes of random
+pitch, timing and brightness):
+
+1. the vocoder learns mel -> waveform (L1 between the log-mels of its output and of the clip);
+2. the VAE learns to auto-encode the log-mels; its scaling factor is set so latents have unit std;
+3. the UNet learns to predict the noise of noised latents (DDPM objective, the scheduler's betas),
+   conditioned on prompts unrelated to the audio (and the empty prompt 10% of the time).
+
+The result is a diffusers directory that ``AudioLDM2Backbone.load(OUT)``, ``DDPOModule(backbone=OUT)``
+and ``benchmarks/ddpo_learning.py --backbone OUT`` load like any other checkpoint. Seeded by
+``--seed``; about 11 minutes on 2 CPU cores with the defaults.
+
+    python benchmarks/train_tiny_backbone.py runs/tiny-trained
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from rlmusic_pl.backbone.audioldm2 import AudioLDM2Backbone
+from rlmusic_pl.backbone.tiny import build_tiny_pipeline
+from rlmusic_pl.data.audio import atomic_directory_write, log_mel
+from rlmusic_pl.data.synthetic import note_plan, render_notes
+
+PROMPTS = [
+    "a bright piano", "a calm guitar", "an angry drum", "a happy violin", "a soft flute", "a loud trumpet",
+    "a sad cello", "a tender harp", "an upbeat organ", "a gentle melody", "a dark synth", "a lively tune",
+]
+UNCONDITIONAL_FRACTION = 0.1
+
+
+def synthetic_clips(count: int, duration_s: float, seed: int) -> Tensor:
+    """``count`` clips of random notes whose brightness (harmonic roll-off 1/k^1 .. 1/k^4) is random too."""
+    generator = torch.Generator().manual_seed(seed)
+    clips = []
+    for _ in range(count):
+        rolloff = 1.0 + 3.0 * torch.rand((), generator=generator).item()
+        clips.append(render_notes(note_plan(generator, duration_s, notes_per_second=3.0), duration_s, rolloff))
+    return torch.stack(clips)
+
+
+def train(name: str, params: list[Tensor], loss_fn: Callable[[Tensor], Tensor], steps: int, lr: float, seed: int) -> None:
+    """AdamW with cosine decay on ``loss_fn(step_generator)``; prints the loss every tenth of the run."""
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    generator = torch.Generator().manual_seed(seed)
+    every = max(1, steps // 10)
+    start, losses = time.perf_counter(), []
+    for step in range(1, steps + 1):
+        loss = loss_fn(generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if step % every == 0 or step == steps:
+            print(f"  {name} step {step}/{steps}: loss {sum(losses) / len(losses):.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
+            losses = []
+
+
+def batch_of(data: Tensor, batch_size: int, generator: torch.Generator) -> Tensor:
+    return data[torch.randint(len(data), (batch_size,), generator=generator)]
+
+
+def train_vocoder(backbone: AudioLDM2Backbone, waves: Tensor, mels: Tensor, steps: int, batch_size: int, seed: int) -> None:
+    vocoder = backbone.vocoder.train().requires_grad_(True)
+
+    def loss(generator: torch.Generator) -> Tensor:
+        index = torch.randint(len(waves), (batch_size,), generator=generator)
+        output = vocoder(mels[index])[:, : waves.shape[1]]
+        return (log_mel(output) - log_mel(waves[index])).abs().mean()
+
+    train("vocoder", list(vocoder.parameters()), loss, steps, 2e-3, seed)
+    vocoder.eval().requires_grad_(False)
+
+
+def train_vae(backbone: AudioLDM2Backbone, mels: Tensor, steps: int, batch_size: int, kl_weight: float, seed: int) -> None:
+    vae = backbone.vae.train().requires_grad_(True)
+
+    def loss(generator: torch.Generator) -> Tensor:
+        mel = batch_of(mels, batch_size, generator).unsqueeze(1)
+        posterior = vae.encode(mel).latent_dist
+        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        return (vae.decode(latents).sample - mel).abs().mean() + kl_weight * posterior.kl().mean()
+
+    train("vae", list(vae.parameters()), loss, steps, 2e-3, seed)
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        std = torch.cat([vae.encode(chunk.unsqueeze(1)).latent_dist.mode() for chunk in mels.split(64)]).std().item()
+    vae.register_to_config(scaling_factor=1.0 / std)
+    print(f"  vae: latent std {std:.3f} -> scaling_factor {1.0 / std:.3f}")
+
+
+def train_unet(backbone: AudioLDM2Backbone, mels: Tensor, steps: int, batch_size: int, seed: int) -> None:
+    with torch.no_grad():
+        latents = torch.cat([backbone.mel_to_latents(chunk) for chunk in mels.split(64)])
+        texts = PROMPTS + [""]
+        cond = backbone.encode_prompts(texts).positive
+    unet = backbone.unet.train().requires_grad_(True)
+    scheduler = backbone.scheduler
+    empty = len(PROMPTS)
+
+    def loss(generator: torch.Generator) -> Tensor:
+        x0 = batch_of(latents, batch_size, generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        timesteps = torch.randint(scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+        prompt = torch.randint(len(PROMPTS), (batch_size,), generator=generator)
+        prompt = torch.where(torch.rand(batch_size, generator=generator) < UNCONDITIONAL_FRACTION, empty, prompt)
+        text = cond.map(lambda t: t[prompt])
+        eps = unet(
+            scheduler.add_noise(x0, noise, timesteps), timesteps, encoder_hidden_states=text.generated,
+            encoder_hidden_states_1=text.t5, encoder_attention_mask_1=text.t5_mask, return_dict=False,
+        )[0]
+        return torch.nn.functional.mse_loss(eps, noise)
+
+    train("unet", list(unet.parameters()), loss, steps, 1e-3, seed)
+    unet.eval().requires_grad_(False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path, help="output directory (a diffusers AudioLDM2 pipeline); replaced if it exists")
+    parser.add_argument("--clips", type=int, default=512, help="synthetic training clips")
+    parser.add_argument("--duration", type=float, default=1.0, help="seconds per clip")
+    parser.add_argument("--vocoder-steps", type=int, default=1500, help="vocoder training steps")
+    parser.add_argument("--vae-steps", type=int, default=1000, help="VAE training steps")
+    parser.add_argument("--unet-steps", type=int, default=2000, help="UNet training steps")
+    parser.add_argument("--batch-size", type=int, default=16, help="clips per training step")
+    parser.add_argument("--kl-weight", type=float, default=1e-4, help="weight of the VAE's KL term")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random initial weights, the data and the batches")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(args.seed)
+
+    backbone = AudioLDM2Backbone(build_tiny_pipeline(args.seed))
+    waves = synthetic_clips(args.clips, args.duration, args.seed)
+    mels = log_mel(waves)
+    frames = backbone.latent_shape(args.duration)[1] * backbone.vae_scale_factor
+    mels = torch.nn.functional.pad(mels, (0, 0, 0, frames - mels.shape[1]), value=mels.min().item())
+    print(f"{args.clips} clips of {args.duration} s; log-mel {tuple(mels.shape[1:])}")
+    train_vocoder(backbone, waves, mels, args.vocoder_steps, args.batch_size, args.seed)
+    train_vae(backbone, mels, args.vae_steps, args.batch_size, args.kl_weight, args.seed)
+    train_unet(backbone, mels, args.unet_steps, args.batch_size, args.seed)
+    # Built beside the output and swapped in, so a failed run never leaves half a model.
+    atomic_directory_write(args.out, backbone.pipeline.save_pretrained)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
