@@ -301,4 +301,4 @@ def _load_gains(unet: nn.Module, path: Path) -> None:
 
 def copy_adapter(source: str | Path, destination: str | Path) -> None:
     """Copy an adapter directory's files (e.g. into ``checkpoints/``)."""
-    atomic_directory_write(Path(destination), lambda tmp: [shutil.copy2(f, tmp / f.name) for f in Path(source).iterdir() if f.is_file()])
+    atomic_directory_write(destination, lambda tmp: [shutil.copy2(f, tmp / f.name) for f in Path(source).iterdir() if f.is_file()])
