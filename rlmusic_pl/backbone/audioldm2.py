@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from rlmusic_pl.backbone.conditioning import PromptConditioning, TextConditioning
 from rlmusic_pl.backbone.ddim import ddim_step_with_logprob
+from rlmusic_pl.backbone.loading import BackboneLoadError, hub_load_error
 from rlmusic_pl.backbone.tiny import build_tiny_pipeline
 from rlmusic_pl.data.audio import AUDIOLDM_MEL, log_mel
 
@@ -30,10 +31,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "cvssp/audioldm2-music"
 TINY = "tiny"
-
-
-class BackboneLoadError(RuntimeError):
-    """The AudioLDM2 weights could not be loaded; the message says from where and why."""
 
 
 @dataclass
@@ -66,12 +63,7 @@ def load_pipeline(source: str, seed: int = 0, dtype: torch.dtype = torch.float32
     try:
         return AudioLDM2Pipeline.from_pretrained(str(local) if local.exists() else source, torch_dtype=dtype)
     except (OSError, ValueError) as err:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        hint = " (HF_HUB_OFFLINE is set: the model must already be in the hub cache)" if offline else ""
-        raise BackboneLoadError(
-            f"could not load AudioLDM2 from {source!r}: not a local directory and not loadable from the hub{hint}. "
-            f"Use a hub id such as {DEFAULT_MODEL!r}, a diffusers directory, or {TINY!r}. Cause: {err}"
-        ) from err
+        raise hub_load_error("AudioLDM2", source, f"a hub id such as {DEFAULT_MODEL!r}, a diffusers directory, or {TINY!r}", err) from err
 
 
 class AudioLDM2Backbone(nn.Module):
