@@ -7,20 +7,18 @@ noise prediction, a DDIM step with its log-probability, and the latent <-> mel <
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.utils.checkpoint
 from diffusers import AudioLDM2Pipeline, DDIMScheduler
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from rlmusic_pl.backbone.checkpointing import checkpoint_each
 from rlmusic_pl.backbone.conditioning import PromptConditioning, TextConditioning
 from rlmusic_pl.backbone.ddim import ddim_step_with_logprob
 from rlmusic_pl.backbone.loading import BackboneLoadError, hub_load_error
@@ -194,10 +192,7 @@ class AudioLDM2Backbone(nn.Module):
         path passes the text attention mask positionally into Transformer2DModel's self-attention
         ``attention_mask`` slot and fails.
         """
-        for block in [*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks]:
-            if not getattr(block, "_rl_checkpointed", False):
-                block.forward = _checkpointed(block.forward)
-                block._rl_checkpointed = True
+        checkpoint_each([*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks])
         self.gradient_checkpointing = True
 
     def set_timesteps(self, num_steps: int) -> Tensor:
@@ -262,13 +257,3 @@ class AudioLDM2Backbone(nn.Module):
 
     def waveform_to_latents(self, waveforms: Tensor) -> Tensor:
         return self.mel_to_latents(self.waveform_to_mel(waveforms).to(self.vae.device))
-
-
-def _checkpointed(forward: Callable) -> Callable:
-    @functools.wraps(forward)
-    def forward_with_checkpoint(*args, **kwargs):
-        if torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
-        return forward(*args, **kwargs)
-
-    return forward_with_checkpoint

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from transformers import MusicgenForConditionalGeneration, MusicgenProcessor
 from transformers.cache_utils import Cache
 
+from rlmusic_pl.backbone.checkpointing import checkpoint_each
 from rlmusic_pl.backbone.conditioning import MusicGenConditioning
 from rlmusic_pl.backbone.loading import BackboneLoadError, hub_load_error
 from rlmusic_pl.backbone.tiny_musicgen import build_tiny_musicgen
@@ -367,8 +368,11 @@ class MusicGenBackbone(nn.Module):
             raise ValueError(f"{codes.shape[0]} samples of codes but {batch} of conditioning")
 
     def enable_gradient_checkpointing(self) -> None:
-        """Recompute each decoder layer's activations in the backward pass (less memory, more compute)."""
-        self.decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        """Recompute each decoder layer's activations in the backward pass (less memory, more compute).
+
+        transformers' own switch acts only in training mode; the frozen backbone stays in eval mode.
+        """
+        checkpoint_each(self.decoder.model.decoder.layers)
 
     # ----------------------------------------------------------------------------- audio
     @torch.no_grad()
