@@ -227,11 +227,12 @@ class MusicGenBackbone(nn.Module):
     # ----------------------------------------------------------------------------- decoder
     def decoder_forward(
         self, tokens: Tensor, cond: MusicGenConditioning, cache: Cache | None = None, use_cache: bool = False
-    ) -> tuple[Tensor, Tensor, Cache | None]:
+    ) -> tuple[Tensor, Cache | None]:
         """One decoder call on delayed tokens [B', K, S]; ``cond`` has B' rows (already guided if wanted).
 
-        Returns the logits [B', K, S, V], the final hidden states [B', S, D] and the KV cache
-        (``use_cache``: created on the first call, extended by each call with the next tokens).
+        Returns the final (layer-normed) hidden states [B', S, D] and the KV cache (``use_cache``:
+        created on the first call, extended by each call with the next tokens). The logits come from
+        ``code_logits`` or ``next_code_logits``.
         """
         output = self.decoder.model(
             input_ids=tokens.reshape(-1, tokens.shape[-1]),
@@ -240,9 +241,18 @@ class MusicGenBackbone(nn.Module):
             cache=cache,
             use_cache=use_cache,
         )
-        hidden = output.last_hidden_state
-        logits = torch.stack([head(hidden) for head in self.decoder.lm_heads], dim=1)
-        return logits, hidden, output.cache
+        return output.last_hidden_state, output.cache
+
+    def code_logits(self, hidden: Tensor, num_frames: int) -> Tensor:
+        """The logits that predict each of F codes per codebook, [B', K, F, V], from hidden states [B', F + K - 1, D].
+
+        Codebook k's head reads positions k .. k + F - 1 (the delay pattern), so no other position is computed.
+        """
+        return torch.stack([head(hidden[:, k : k + num_frames]) for k, head in enumerate(self.decoder.lm_heads)], dim=1)
+
+    def next_code_logits(self, hidden: Tensor) -> Tensor:
+        """The logits of every codebook's next token, [B', K, V], from the last of the hidden states [B', S, D]."""
+        return torch.stack([head(hidden[:, -1]) for head in self.decoder.lm_heads], dim=1)
 
     def policy_scores(self, logits: Tensor, guidance_scale: float, temperature: float, top_k: int | None) -> Tensor:
         """The logits of the distribution sampled from: guidance, temperature and top-k, in float32.
@@ -302,8 +312,8 @@ class MusicGenBackbone(nn.Module):
         cache = None
         for step in tqdm(range(1, steps + 1), desc="sampling codes", leave=False, disable=not progress):
             inputs = tokens[..., step - 1 : step] if use_cache else tokens[..., :step]
-            logits, _, cache = self.decoder_forward(torch.cat([inputs, inputs]) if guided else inputs, decoder_cond, cache, use_cache)
-            scores = self.policy_scores(logits[:, :, -1], guidance_scale, temperature, top_k)  # [B, K, V]
+            hidden, cache = self.decoder_forward(torch.cat([inputs, inputs]) if guided else inputs, decoder_cond, cache, use_cache)
+            scores = self.policy_scores(self.next_code_logits(hidden), guidance_scale, temperature, top_k)  # [B, K, V]
             if greedy:
                 drawn = scores.argmax(-1)
             else:
@@ -334,13 +344,13 @@ class MusicGenBackbone(nn.Module):
         num_frames = codes.shape[-1]
         inputs = delay(codes, self.pad_token)[..., :-1]  # positions 0 .. N-1 predict 1 .. N
         guided = guidance_scale != 1.0
-        logits, hidden, _ = self.decoder_forward(torch.cat([inputs, inputs]) if guided else inputs, cond.guided() if guided else cond)
-        scores = self.policy_scores(undelay(logits, num_frames), guidance_scale, temperature, top_k)  # [B, K, F, V]
+        hidden, _ = self.decoder_forward(torch.cat([inputs, inputs]) if guided else inputs, cond.guided() if guided else cond)
+        scores = self.policy_scores(self.code_logits(hidden, num_frames), guidance_scale, temperature, top_k)  # [B, K, F, V]
         distributions = torch.log_softmax(scores, dim=-1)
         hidden_states = None
         if return_hidden_states:
             conditional = hidden[: len(cond)]
-            hidden_states = undelay(conditional[:, None].expand(-1, self.num_codebooks, -1, -1), num_frames)
+            hidden_states = torch.stack([conditional[:, k : k + num_frames] for k in range(self.num_codebooks)], dim=1)
         return TokenScores(
             log_probs=distributions.gather(-1, codes[..., None])[..., 0],
             distributions=distributions if return_distributions else None,
