@@ -141,6 +141,41 @@ def test_monitor_rewards_are_logged_but_not_optimised(tmp_path):
     assert "train/reward/total" in run.callback_metrics
 
 
+class GivenValues(Reward):
+    """A reward whose values the test sets (``values``), whatever the audio."""
+
+    def __init__(self, name: str, values: torch.Tensor) -> None:
+        super().__init__(name)
+        self.values = values
+
+    def forward(self, waveforms, sample_rate, prompts, attributes):
+        return self.values.clone()
+
+
+def test_changing_a_monitor_rewards_values_changes_neither_advantages_nor_loss():
+    monitor = GivenValues("judge", torch.zeros(4))
+    module = DDPOModule(SpectralCentroidReward(), monitor_rewards=[monitor], **{**TINY, "stat_min_count": 16})
+    module.configure_model()
+    batch = {"prompt": ["a happy piano", "a sad piano"], "negative_prompt": ["noise"] * 2, "attributes": [{}, {}]}
+    rollouts = module.sample_rollouts(batch, torch.Generator().manual_seed(0))
+    module.backbone.set_timesteps(module.hparams.num_steps)
+    minibatch = torch.tensor([0, 3])
+    fresh_statistics = module.stat_tracker.state_dict()
+    results = []
+    for values in (torch.tensor([0.9, 0.1, 0.4, 0.7]), torch.tensor([0.2, 0.8, 0.6, 0.0])):  # the same samples, judged anew
+        monitor.values = values
+        module.stat_tracker.load_state_dict(fresh_statistics)
+        rollouts.rewards = module.score(rollouts.waveforms, rollouts.prompts, rollouts.attributes)
+        rollouts.advantages = module.compute_advantages(rollouts)
+        loss = module.step_loss(rollouts, minibatch, torch.ones_like(minibatch)).loss.detach()
+        results.append((rollouts.rewards.components["monitor/judge"], rollouts.advantages, loss))
+    (judged, advantages, loss), (judged_again, advantages_again, loss_again) = results
+    assert not torch.equal(judged, judged_again)  # the monitor's values did change (and are what is logged)
+    assert advantages.abs().sum() > 0 and loss != 0
+    assert torch.equal(advantages_again, advantages)
+    assert torch.equal(loss_again, loss)
+
+
 def test_group_advantages_need_several_samples_per_prompt():
     with pytest.raises(ValueError, match="samples_per_prompt"):
         DDPOModule(SpectralCentroidReward(), advantage="group", samples_per_prompt=1, backbone="tiny")
