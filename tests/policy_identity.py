@@ -10,11 +10,12 @@ give approx_kl 1.7 and 0.32, where the correct pass gives exactly 0).
 
 To use it for a module (DDPO in ``tests/modules/test_ddpo.py``; MusicRL's autoregressive loop the same way):
   - ``sample()`` runs the module's own sampling loop, with guidance on (scale > 1) so that both CFG
-    halves matter, on one batch of at least two distinct prompts *and* two distinct negative
-    prompts (the unconditional input), and returns a ``SampledBatch``: the prompts, negatives, the
-    log-prob of every action it will train on (DDPO: [samples, steps]; MusicRL: the sampled tokens,
-    pad positions dropped), and in ``state`` whatever the training pass needs (trajectories, tokens,
-    stored conditioning);
+    halves matter, on one batch of at least two distinct prompts and, where the module takes
+    negative prompts, two distinct negative prompts, and returns a ``SampledBatch``: the prompts,
+    the negatives (None where the unconditional input is the same for every sample, as MusicGen's
+    zeroed text states), the log-prob of every action it will train on (DDPO: [samples, steps];
+    MusicRL: the sampled tokens, pad positions dropped), and in ``state`` whatever the training
+    pass needs (trajectories, tokens, stored conditioning);
   - ``recompute(sampled)`` runs the module's training pass (the code that computes the loss, with
     its minibatching and shuffling, not a copy of it) on ``sampled.state`` before any optimizer step
     and returns the recomputed log-prob of the same actions, in the same layout.
@@ -41,13 +42,14 @@ class SampledBatch:
 
     Attributes:
         prompts: the prompt of each sample.
-        negative_prompts: the negative prompt (unconditional input) of each sample.
+        negative_prompts: the negative prompt of each sample; None if the module has none (the
+            unconditional input is the same for every sample).
         log_probs: the log-prob, under the sampling policy, of every action the training pass trains on.
         state: what ``recompute`` needs to run the training pass on these samples.
     """
 
     prompts: list[str]
-    negative_prompts: list[str]
+    negative_prompts: list[str] | None
     log_probs: Tensor
     state: Any = None
 
@@ -58,10 +60,11 @@ def check_policy_identity(
     """Sample a batch, recompute its log-probs through the training pass, and assert the policy is the same.
 
     Args:
-        sample: runs the sampling loop on distinct prompts and distinct negative prompts (see the module docstring).
+        sample: runs the sampling loop on distinct prompts and negative prompts (see the module docstring).
         recompute: runs the training pass on the sampled batch before any optimizer step; returns
             log-probs shaped like ``sampled.log_probs``.
-        clip_range: the module's PPO clip epsilon: no ratio may leave ``[1 - clip_range, 1 + clip_range]``.
+        clip_range: the module's PPO clip epsilon: no ratio may leave ``[1 - clip_range, 1 + clip_range]``
+            (a module that does not clip, such as MusicRL's policy gradient, passes a small one: 1e-4).
         tolerance: largest allowed ``|log ratio|`` (float rounding; the bugs above give more than 1).
 
     Returns:
@@ -69,8 +72,8 @@ def check_policy_identity(
     """
     sampled = sample()
     assert len(set(sampled.prompts)) >= 2, f"the batch needs distinct prompts to expose mixed-up conditioning, got {sampled.prompts}"
-    assert len(set(sampled.negative_prompts)) >= 2, (
-        f"the batch needs distinct negative prompts to expose swapped guidance halves, got {sampled.negative_prompts}"
+    assert sampled.negative_prompts is None or len(set(sampled.negative_prompts)) >= 2, (
+        f"the batch needs distinct negative prompts to expose mixed-up negative conditioning, got {sampled.negative_prompts}"
     )
     old = sampled.log_probs.detach()
     new = recompute(sampled).detach()
