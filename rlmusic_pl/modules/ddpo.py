@@ -227,13 +227,22 @@ class DDPOModule(AudioLDM2Module):
 
     def step_loss(self, rollouts: Rollouts, rows: Tensor, step_index: Tensor):
         """The clipped surrogate of one denoising step for the samples ``rows`` (each its own step)."""
+        log_prob = self.step_log_prob(rollouts, rows, step_index)
+        return clipped_surrogate(log_prob, rollouts.log_probs[rows, step_index], rollouts.advantages[rows], self.hparams.clip_range)
+
+    def step_log_prob(self, rollouts: Rollouts, rows: Tensor, step_index: Tensor) -> Tensor:
+        """Log-prob [len(rows)] of each sample's recorded step ``step_index`` under the current policy.
+
+        Before any update it equals the log-prob recorded while sampling: the guided noise prediction
+        is recomputed with each sample's own stored conditioning, negative and positive in sampling order.
+        """
         hp = self.hparams
         latents = rollouts.latents[rows, step_index]
         next_latents = rollouts.latents[rows, step_index + 1]
         timesteps = rollouts.timesteps[step_index]
         eps = self.backbone.predict_noise(latents, timesteps, rollouts.cond[rows.cpu()], hp.guidance_scale)
         _, log_prob = self.backbone.ddim_step(eps, timesteps, latents, hp.eta, prev_latents=next_latents)
-        return clipped_surrogate(log_prob, rollouts.log_probs[rows, step_index], rollouts.advantages[rows], hp.clip_range)
+        return log_prob
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Gradients arrive here unscaled (under 16-mixed); backward passes ran without DDP's sync.

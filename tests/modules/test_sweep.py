@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,19 @@ def predict(adapter: Path, out: Path, *extra: str) -> None:
     main(args=["predict", "--config", TINY_SWEEP, f"--model.adapter={adapter}", f"--model.output_dir={out}",
                f"--trainer.default_root_dir={out.parent}", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
                f"--model.duration_s={DURATION_S}", "--model.num_steps=2", *extra])
+
+
+def record_generated_clips(monkeypatch) -> list[str]:
+    """The file names of the clips SweepModule generates from now on (whatever writes them, or not)."""
+    generated: list[str] = []
+    generate = SweepModule.generate
+
+    def recording_generate(self, clips, strengths):
+        generated.extend(replace(clip, strength=s).file_name for clip in clips for s in strengths)
+        return generate(self, clips, strengths)
+
+    monkeypatch.setattr(SweepModule, "generate", recording_generate)
+    return generated
 
 
 def modification_times(directory: Path) -> dict[str, int]:
@@ -114,12 +128,14 @@ def test_the_adapter_kind_is_read_from_its_metadata(tmp_path):
 
 # ------------------------------------------------------------------------------------- sweeps
 @pytest.mark.slow
-def test_tiny_sweep_writes_every_clip_a_table_and_plots_and_resumes(adapter, tmp_path):
+def test_tiny_sweep_writes_every_clip_a_table_and_plots_and_resumes(adapter, tmp_path, monkeypatch):
     out = tmp_path / "sweep"
+    generated = record_generated_clips(monkeypatch)
     predict(adapter, out)
 
     wavs = sorted((out / "audio").glob("*.wav"))
     assert len(wavs) == PROMPTS * STRENGTHS * SEEDS
+    assert sorted(generated) == [wav.name for wav in wavs]  # each clip generated once
     for wav in wavs:
         info = soundfile.info(str(wav))
         assert (info.samplerate, info.frames, info.subtype) == (SR, int(DURATION_S * SR), "PCM_16")
@@ -143,9 +159,11 @@ def test_tiny_sweep_writes_every_clip_a_table_and_plots_and_resumes(adapter, tmp
     assert row["spectral_centroid"] == pytest.approx(SpectralCentroidReward()(wave, SR, [row["prompt"]], [{}]).item(), rel=1e-5)
     assert row["ssim_to_strength0"] == pytest.approx(mel_ssim(wave, reference, SR).item(), abs=1e-5)
 
-    # a second run writes nothing
+    # a second run generates nothing and writes nothing
+    generated.clear()
     before = modification_times(out)
     predict(adapter, out)
+    assert generated == []
     assert modification_times(out) == before
 
     # a deleted clip, and only it, is generated again (the same clip: same noise, batch-independent)
@@ -153,9 +171,7 @@ def test_tiny_sweep_writes_every_clip_a_table_and_plots_and_resumes(adapter, tmp
     original = load_audio(deleted, SR)
     deleted.unlink()
     predict(adapter, out)
-    after = modification_times(out)
-    changed = {name for name in after if after[name] != before.get(name)}
-    assert {name for name in changed if name.startswith("audio/")} == {f"audio/{deleted.name}"}
+    assert generated == [deleted.name]
     assert torch.allclose(load_audio(deleted, SR), original, atol=2e-3)
 
 
