@@ -7,7 +7,7 @@
      strength starts from the same noise and only the adapter's strength differs. A clip depends on
      neither the other clips of its batch nor the rank, so a regenerated clip equals the one it replaces;
   3. every clip is scored as it is stored (16-bit PCM), so the table always matches its WAV file.
-``SweepWriter`` (rlmusic_pl.callbacks) writes the WAVs, the table, the plots and the mel grid.
+``SweepWriter`` (rlmusic_pl.callbacks) writes the WAVs, the table, the plots, the mel grid and the listening page.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import soundfile
 import torch
 from torch import Tensor
 
-from rlmusic_pl.callbacks.prediction_writer import SweepWriter
+from rlmusic_pl.callbacks.prediction_writer import SETTINGS_FILE, SweepWriter
 from rlmusic_pl.callbacks.samples import SampleBatch
 from rlmusic_pl.callbacks.sweep_clips import Clip, SweepClips
 from rlmusic_pl.data.audio import atomic_write, load_audio
@@ -41,9 +41,6 @@ log = logging.getLogger(__name__)
 
 SSIM_METRIC = "ssim_to_strength0"
 TRAIN_FIRST = "python -m rlmusic_pl fit --config configs/tiny/slider_stage1.yaml"
-
-
-SETTINGS_FILE = "sweep_settings.json"
 
 
 class SweepError(ValueError):
@@ -101,8 +98,9 @@ class SweepModule(AudioLDM2Module):
 
     ``predict``: for each prompt x strength x seed one clip, generated from the same noise for every
     strength of a (prompt, seed); with ``SweepWriter`` among the trainer's callbacks it writes one
-    16-bit WAV per clip, a table of metrics (CSV and JSON), a plot of each metric against strength
-    and a mel-spectrogram grid, and a re-run only generates the clips that are missing.
+    16-bit WAV per clip, a table of metrics (CSV and JSON), a plot of each metric against strength,
+    a mel-spectrogram grid and a listening page (``index.html``), and a re-run only generates the
+    clips that are missing.
     ``validate`` / ``test``: clips at ``eval_strength`` for every prompt and seed, reported as mean
     CLAP similarity and emotion accuracy per class and overall (seed 001, Tables 1 and 2), from the
     ``CLAPReward`` and ``EmotionReward`` among ``metrics``.
