@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from rlmusic_pl.data.audio import atomic_directory_write
+from rlmusic_pl.errors import RLMusicError
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 SCALE_WEIGHTS = "scale_layers.safetensors"
@@ -44,7 +45,7 @@ TARGET_PRESETS = {
 }
 
 
-class LoRAError(ValueError):
+class LoRAError(RLMusicError, ValueError):
     """A LoRA adapter could not be built, saved or loaded; the message names the file or field."""
 
 

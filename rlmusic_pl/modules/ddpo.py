@@ -29,7 +29,7 @@ from rlmusic_pl.lora import lora_parameters
 from rlmusic_pl.modules.advantages import PerPromptStatTracker, batch_advantages, group_advantages
 from rlmusic_pl.modules.base import AudioLDM2Module, CheckpointError, check_positive
 from rlmusic_pl.modules.ppo import clipped_surrogate
-from rlmusic_pl.rewards.base import Reward, RewardResult
+from rlmusic_pl.rewards.base import Reward, RewardResult, as_reward, as_rewards, check_rewards_for_prompts
 
 
 @dataclass
@@ -51,7 +51,9 @@ class DDPOModule(AudioLDM2Module):
     """DDPO fine-tuning of a LoRA on the AudioLDM2 UNet.
 
     Args:
-        reward: the reward to maximise (e.g. ``CLAPReward``, ``EmotionReward``, ``WeightedReward``).
+        reward: the reward to maximise (e.g. ``CLAPReward``, ``EmotionReward``, ``WeightedReward``; from
+            Python also a plain function ``(waveforms, sample_rate, prompts, attributes) -> [B]``, wrapped
+            in ``CallableReward``).
         monitor_rewards: rewards computed and logged on every epoch's samples but not optimised, to
             watch for reward hacking (e.g. emotion accuracy while optimising CLAP).
         duration_s: seconds of audio per sample.
@@ -119,10 +121,16 @@ class DDPOModule(AudioLDM2Module):
         if advantage == "group" and samples_per_prompt < 2:
             raise ValueError("advantage='group' needs samples_per_prompt >= 2")
         self.automatic_optimization = False
-        self.reward = reward
-        self.monitor_rewards = torch.nn.ModuleList(monitor_rewards or [])
+        self.reward = as_reward(reward, "DDPOModule reward")
+        self.monitor_rewards = torch.nn.ModuleList(as_rewards(monitor_rewards, "DDPOModule monitor_rewards"))
         self.stat_tracker = PerPromptStatTracker(stat_buffer_size, stat_min_count)
         self.epochs_sampled = 0
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        # Before the backbone loads: every prompt the rewards will score has the attributes they read.
+        splits = {"fit": ["train", "val"] if self.trainer.limit_val_batches else ["train"], "validate": ["val"], "test": ["test"]}
+        check_rewards_for_prompts([self.reward, *self.monitor_rewards], self.trainer.datamodule, splits.get(stage, []))
 
     def frozen_modules(self) -> list[torch.nn.Module]:
         return super().frozen_modules() + [self.reward, self.monitor_rewards]

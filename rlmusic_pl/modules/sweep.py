@@ -17,7 +17,6 @@ import io
 import json
 import logging
 import math
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,13 +27,14 @@ from torch import Tensor
 from rlmusic_pl.callbacks.prediction_writer import SETTINGS_FILE, SweepWriter
 from rlmusic_pl.callbacks.samples import SampleBatch
 from rlmusic_pl.callbacks.sweep_clips import Clip, SweepClips
-from rlmusic_pl.data.audio import atomic_write, load_audio
+from rlmusic_pl.data.audio import atomic_write, check_writable, load_audio
+from rlmusic_pl.errors import RLMusicError
 from rlmusic_pl.evaluation import MusicEvaluator
 from rlmusic_pl.lora import LORA_WEIGHTS, SCALE_WEIGHTS, LoRAError, load_lora, read_adapter_info, read_lora_state_dict
 from rlmusic_pl.modules.base import AudioLDM2Module, check_positive
 from rlmusic_pl.modules.scale_ppo import load_gain_schedule
 from rlmusic_pl.modules.slider import generate_at_strengths
-from rlmusic_pl.rewards.base import Reward
+from rlmusic_pl.rewards.base import Reward, as_rewards, check_rewards_for_prompts
 from rlmusic_pl.rewards.stability import mel_ssim
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ SSIM_METRIC = "ssim_to_strength0"
 TRAIN_FIRST = "python -m rlmusic_pl fit --config configs/tiny/slider_stage1.yaml"
 
 
-class SweepError(ValueError):
+class SweepError(RLMusicError, ValueError):
     """A sweep is misconfigured or its output directory cannot be used; the message names the field or path."""
 
 
@@ -115,8 +115,8 @@ class SweepModule(AudioLDM2Module):
         seeds: noise seeds; each (prompt, seed) uses the same noise at every strength.
         output_dir: where clips, table and plots go (default: ``<trainer default_root_dir>/sweep``).
         metrics: rewards whose components are the table's metrics (e.g. CLAP similarity, emotion
-            probability, an attribute metric); the SSIM of each clip's mel to its strength-0 clip is
-            added when 0 is among the strengths.
+            probability, an attribute metric; a plain function is wrapped in ``CallableReward``); the
+            SSIM of each clip's mel to its strength-0 clip is added when 0 is among the strengths.
         duration_s: seconds of audio per clip.
         num_steps: DDIM steps per clip.
         guidance_scale: classifier-free guidance scale.
@@ -157,7 +157,7 @@ class SweepModule(AudioLDM2Module):
         trained_on = info.get("backbone")
         if trained_on is not None and trained_on != self.hparams.backbone:
             log.warning("adapter %s was trained on backbone %r but the sweep loads %r", self.adapter_path, trained_on, self.hparams.backbone)
-        self.metrics = torch.nn.ModuleList(metrics or [])
+        self.metrics = torch.nn.ModuleList(as_rewards(metrics, "SweepModule metrics"))
         self.evaluator = MusicEvaluator.from_rewards(list(self.metrics))
 
     def add_adapters(self, unet: torch.nn.Module) -> None:
@@ -183,7 +183,8 @@ class SweepModule(AudioLDM2Module):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if stage == "predict":  # before the backbone loads
-            check_writable(self.sweep_dir)
+            check_writable(self.sweep_dir, "output_dir", SweepError)
+            check_rewards_for_prompts(self.metrics, self.trainer.datamodule, ["predict"])
             check_same_settings(self.sweep_dir, self.generation_settings())
 
     def generation_settings(self) -> dict:
@@ -308,14 +309,3 @@ def check_same_settings(directory: Path, settings: dict) -> None:
         return
     text = json.dumps(settings, indent=2, sort_keys=True)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
-def check_writable(directory: Path) -> None:
-    """Create ``directory`` if needed; SweepError unless files can be written in it."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-    except OSError as err:
-        raise SweepError(f"output_dir {directory}: cannot write there ({err.strerror or err}); choose another --model.output_dir") from err
-

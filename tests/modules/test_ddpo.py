@@ -12,9 +12,10 @@ from lightning import Callback, Trainer
 
 from policy_identity import SampledBatch, check_policy_identity
 from rlmusic_pl.data import PromptAttributeDataModule
+from rlmusic_pl.data.audio import OutputPathError
 from rlmusic_pl.lora import lora_parameters
 from rlmusic_pl.modules import CheckpointError, DDPOModule
-from rlmusic_pl.rewards import Reward, RewardError, SpectralCentroidReward
+from rlmusic_pl.rewards import CallableReward, EmotionReward, Reward, RewardError, SpectralCentroidReward
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(backbone="tiny", duration_s=0.5, num_steps=3, samples_per_prompt=2, sample_batch_size=4, train_batch_size=2,
@@ -174,6 +175,36 @@ def test_changing_a_monitor_rewards_values_changes_neither_advantages_nor_loss()
     assert advantages.abs().sum() > 0 and loss != 0
     assert torch.equal(advantages_again, advantages)
     assert torch.equal(loss_again, loss)
+
+
+def level(waveforms, sample_rate, prompts, attributes):
+    return waveforms.abs().mean(dim=1)
+
+
+def test_a_plain_function_is_a_reward_and_a_monitor_reward(tmp_path):
+    module = DDPOModule(level, monitor_rewards=[level], **TINY)
+    assert isinstance(module.reward, CallableReward)
+    run = trainer(tmp_path, 1)
+    run.fit(module, data())
+    assert "train/reward/level" in run.callback_metrics and "train/reward/monitor/level" in run.callback_metrics
+
+
+def test_an_export_to_that_cannot_be_written_is_refused_before_the_backbone_loads(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    module = DDPOModule(SpectralCentroidReward(), export_to=str(blocker / "adapter"), **TINY)
+    with pytest.raises(OutputPathError, match=r"export_to .*a_file/adapter: cannot write there .*choose another export_to"):
+        trainer(tmp_path, 1).fit(module, data())
+    assert module.backbone is None
+
+
+def test_a_monitor_reward_needing_an_attribute_some_prompts_lack_is_refused_before_the_backbone_loads(tmp_path):
+    module = DDPOModule(SpectralCentroidReward(), monitor_rewards=[EmotionReward(n_channels=8)], **TINY)
+    sad = {"prompt": "a sad piano", "attributes": {"emotion": "sad"}}
+    prompts = PromptAttributeDataModule(prompts=[sad, "a piano"], batch_size=2)
+    with pytest.raises(RewardError, match="train prompts: reward 'emotion': prompt 'a piano' has no 'emotion' attribute"):
+        trainer(tmp_path, 1).fit(module, prompts)
+    assert module.backbone is None
 
 
 def test_group_advantages_need_several_samples_per_prompt():

@@ -21,7 +21,7 @@ from rlmusic_pl.data import PromptAttributeDataModule
 from rlmusic_pl.data.audio import load_audio
 from rlmusic_pl.lora import LORA_WEIGHTS, LoRAError, LoRASettings, add_lora, lora_parameters, save_lora
 from rlmusic_pl.modules import SweepError, SweepModule
-from rlmusic_pl.rewards import SpectralCentroidReward
+from rlmusic_pl.rewards import EmotionReward, RewardError, SpectralCentroidReward
 from rlmusic_pl.rewards.stability import mel_ssim
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -120,6 +120,15 @@ def test_an_output_directory_that_cannot_be_written_is_refused_before_loading(ad
     module = SweepModule(adapter=str(adapter), output_dir=str(blocker / "sweep"), backbone="tiny")
     trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(SweepError, match=r"output_dir .*a_file/sweep: cannot write there"):
+        trainer.predict(module, PromptAttributeDataModule(prompts=["a piano"]))
+    assert module.backbone is None
+
+
+def test_a_metric_needing_an_attribute_the_prompts_lack_is_refused_before_loading(adapter, tmp_path):
+    module = SweepModule(adapter=str(adapter), output_dir=str(tmp_path / "sweep"), backbone="tiny", duration_s=DURATION_S,
+                         num_steps=2, metrics=[SpectralCentroidReward(), EmotionReward(n_channels=8, mode="probability")])
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(RewardError, match="predict prompts: reward 'emotion': prompt 'a piano' has no 'emotion' attribute"):
         trainer.predict(module, PromptAttributeDataModule(prompts=["a piano"]))
     assert module.backbone is None
 
