@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from transformers import MusicgenForCausalLM
 
 from rlmusic_pl.data.audio import atomic_directory_write
+from rlmusic_pl.errors import RLMusicError
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 SCALE_WEIGHTS = "scale_layers.safetensors"
@@ -65,7 +66,7 @@ MUSICGEN_TARGET_PRESETS = {
 Layout = Literal["diffusers", "peft"]
 
 
-class LoRAError(ValueError):
+class LoRAError(RLMusicError, ValueError):
     """A LoRA adapter could not be built, saved or loaded; the message names the file or field."""
 
 

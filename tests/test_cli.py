@@ -1,4 +1,5 @@
-"""``python -m rlmusic_pl``: help of every subcommand, documented module arguments, and tiny end-to-end fits."""
+"""``python -m rlmusic_pl``: help of every subcommand, documented module arguments, tiny end-to-end fits, resuming,
+bad input reported in one line, and failed runs that leave no run directory."""
 
 import inspect
 import re
@@ -10,12 +11,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from rlmusic_pl.backbone.audioldm2 import BackboneLoadError
 from rlmusic_pl.cli import main
 from rlmusic_pl.lora import LORA_WEIGHTS, read_adapter_info
 from rlmusic_pl.modules import AudioLDM2Module, DDPOModule
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_DDPO = str(ROOT / "configs" / "tiny" / "ddpo_centroid.yaml")
+TINY_SLIDER = str(ROOT / "configs" / "tiny" / "slider_stage1.yaml")
+TINY_SWEEP = str(ROOT / "configs" / "tiny" / "sweep.yaml")
 FAST = [
     "--trainer.max_steps=1", "--trainer.max_epochs=1", "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
     "--model.num_steps=2", "--model.duration_s=1.0", "--data.batch_size=1", "--model.samples_per_prompt=2",
@@ -136,3 +140,103 @@ def test_fit_twice_without_a_logger_overwrites_the_saved_config_and_exports_to(t
     original, copied = load_file(str(root / "adapter" / LORA_WEIGHTS)), load_file(str(export / LORA_WEIGHTS))
     assert original.keys() == copied.keys() and all(torch.equal(original[k], copied[k]) for k in original)
     assert read_adapter_info(export)["settings"]["rank"] == 8
+
+
+# ------------------------------------------------------------------------------ resuming
+ONE_STEP = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=0",
+            "--trainer.check_val_every_n_epoch=1", "--trainer.enable_progress_bar=false"]
+
+
+@pytest.fixture(scope="module")
+def slider_run(tmp_path_factory):
+    """A one-step Stage-1 fit of the tiny config: its checkpoint (LightningCLI records the class in it) and export_to."""
+    root = tmp_path_factory.mktemp("slider")
+    export = root / "exported"
+    main(args=["fit", "--config", TINY_SLIDER, f"--trainer.default_root_dir={root / 'runs'}", *ONE_STEP,
+               f"--model.export_to={export}", f"--data.contrast.directory={root / 'synthetic'}"])
+    (checkpoint,) = (root / "runs").rglob("*.ckpt")
+    return checkpoint, export
+
+
+def snapshot(directory: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in directory.iterdir()}
+
+
+@pytest.mark.slow
+def test_resuming_from_the_checkpoint_of_another_module_stops_before_anything_is_written(slider_run, tmp_path, capsys):
+    checkpoint, slider_export = slider_run
+    exported = snapshot(slider_export)
+    with pytest.raises(SystemExit) as exit_info:
+        main(args=["fit", "--config", TINY_DDPO, f"--trainer.default_root_dir={tmp_path / 'runs'}", *ONE_STEP,
+                   f"--ckpt_path={checkpoint}"])
+    assert exit_info.value.code == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.startswith(f"error: checkpoint {checkpoint} was saved by SliderModule"), last_line
+    assert "the model to resume is DDPOModule" in last_line
+    assert not (tmp_path / "runs").exists()
+    assert snapshot(slider_export) == exported, "the slider's exported adapter must stay as it was"
+
+
+@pytest.mark.slow
+def test_resuming_keeps_command_line_overrides_and_warns_about_config_values_the_checkpoint_replaces(tmp_path):
+    root = tmp_path / "runs"
+    main(args=["fit", "--config", TINY_DDPO, f"--trainer.default_root_dir={root}", *FAST])  # num_steps=2 on the command line
+    (checkpoint,) = root.rglob("*.ckpt")
+    without_num_steps = [arg for arg in FAST if not arg.startswith("--model.num_steps")]  # the config file says 6
+    with pytest.warns(UserWarning, match="its hyperparameters replace the config's num_steps=6 -> 2 "):
+        main(args=["fit", "--config", TINY_DDPO, f"--trainer.default_root_dir={root}", *without_num_steps,
+                   "--trainer.max_steps=2", "--trainer.max_epochs=2", "--model.learning_rate=0.5",
+                   "--model.init_args.clip_range", "0.3", f"--ckpt_path={checkpoint}"])
+    (resumed,) = (root / "lightning_logs" / "version_1").rglob("*.ckpt")
+    saved = torch.load(resumed, weights_only=False)
+    assert saved["global_step"] == 2
+    assert saved["hyper_parameters"]["learning_rate"] == 0.5 and saved["hyper_parameters"]["clip_range"] == 0.3
+    assert saved["hyper_parameters"]["num_steps"] == 2
+    assert saved["optimizer_states"][0]["param_groups"][0]["lr"] == 0.5
+
+
+# ------------------------------------------------------------------------------ bad input
+def truncated_adapter(directory: Path) -> Path:
+    directory.mkdir()
+    (directory / LORA_WEIGHTS).write_bytes(b"\x10" * 100)
+    return directory / LORA_WEIGHTS
+
+
+@pytest.mark.parametrize("args, message", [
+    (["predict", "--config", TINY_SWEEP, "--model.adapter={adapter}"],
+     "error: {adapter}: not a readable safetensors LoRA file ("),
+    (["fit", "--config", TINY_DDPO, "--model.num_steps=0"], "error: num_steps must be > 0, got 0"),
+    (["fit", "--config", TINY_DDPO, "--data.val_fraction=2"], "error: val_fraction must be in [0, 1), got 2.0"),
+])
+def test_an_error_raised_while_building_the_classes_is_the_last_line_without_a_config_dump(args, message, tmp_path, capsys):
+    adapter = truncated_adapter(tmp_path / "adapter")
+    with pytest.raises(SystemExit) as exit_info:
+        main(args=[arg.format(adapter=adapter) for arg in args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith(message.format(adapter=adapter)), err[-2000:]
+    assert "Namespace(" not in err and "Union" not in err
+
+
+# ------------------------------------------------------------------------------ failed runs
+def test_a_run_that_fails_before_training_leaves_no_run_directory(tmp_path):
+    earlier_run = tmp_path / "runs" / "lightning_logs" / "version_0"
+    earlier_run.mkdir(parents=True)
+    (earlier_run / "config.yaml").write_text("an earlier run's")
+    missing_backbone = f"--model.backbone={tmp_path / 'no_such_backbone'}"
+    for root in (tmp_path / "runs", tmp_path / "new" / "runs"):
+        with pytest.raises(BackboneLoadError):
+            main(args=["fit", "--config", TINY_DDPO, f"--trainer.default_root_dir={root}", *FAST, missing_backbone])
+    assert [p.name for p in (tmp_path / "runs" / "lightning_logs").iterdir()] == ["version_0"]
+    assert (earlier_run / "config.yaml").read_text() == "an earlier run's"
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_run_that_fails_during_training_keeps_its_run_directory(tmp_path, monkeypatch):
+    def fail(self, batch, batch_idx):
+        raise RuntimeError("the first step failed")
+
+    monkeypatch.setattr(DDPOModule, "training_step", fail)
+    with pytest.raises(RuntimeError, match="the first step failed"):
+        main(args=["fit", "--config", TINY_DDPO, f"--trainer.default_root_dir={tmp_path}", *FAST])
+    assert (tmp_path / "lightning_logs" / "version_0" / "config.yaml").is_file()

@@ -7,6 +7,8 @@ noise prediction, a DDIM step with its log-probability, and the latent <-> mel <
 
 from __future__ import annotations
 
+import inspect
+import json
 import logging
 import math
 import os
@@ -56,12 +58,41 @@ def load_pipeline(source: str, seed: int = 0, dtype: torch.dtype = torch.float32
         pipeline = build_tiny_pipeline(seed)
         return pipeline if dtype == torch.float32 else pipeline.to(dtype=dtype)
     local = Path(os.path.expanduser(source))
-    if local.exists() and not (local / "model_index.json").is_file():
-        raise BackboneLoadError(f"{local}: not a diffusers AudioLDM2 directory (no model_index.json)")
+    if local.exists():
+        check_pipeline_directory(local)
+        try:
+            return AudioLDM2Pipeline.from_pretrained(str(local), torch_dtype=dtype)
+        except (OSError, ValueError, KeyError) as err:
+            raise BackboneLoadError(f"could not load AudioLDM2 from the directory {local}: {err}") from err
     try:
-        return AudioLDM2Pipeline.from_pretrained(str(local) if local.exists() else source, torch_dtype=dtype)
+        return AudioLDM2Pipeline.from_pretrained(source, torch_dtype=dtype)
     except (OSError, ValueError) as err:
         raise hub_load_error("AudioLDM2", source, f"a hub id such as {DEFAULT_MODEL!r}, a diffusers directory, or {TINY!r}", err) from err
+
+
+def check_pipeline_directory(directory: Path) -> None:
+    """BackboneLoadError naming what a saved AudioLDM2 pipeline directory lacks: model_index.json, a field or a component."""
+    index_file = directory / "model_index.json"
+    if not index_file.is_file():
+        raise BackboneLoadError(f"{directory}: not a diffusers AudioLDM2 directory (no model_index.json)")
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BackboneLoadError(f"{index_file}: not valid JSON ({err})") from err
+    if not isinstance(index, dict) or "_class_name" not in index:
+        raise BackboneLoadError(
+            f'{index_file}: no "_class_name" field (a saved AudioLDM2 pipeline has "_class_name": "AudioLDM2Pipeline")'
+        )
+    if index["_class_name"] != AudioLDM2Pipeline.__name__:
+        raise BackboneLoadError(f"{index_file}: a {index['_class_name']} pipeline, not an {AudioLDM2Pipeline.__name__}")
+    components = [name for name in inspect.signature(AudioLDM2Pipeline.__init__).parameters if name != "self"]
+    unlisted = [name for name in components if name not in index]
+    if unlisted:
+        raise BackboneLoadError(f"{index_file}: lists no {', '.join(unlisted)} (every AudioLDM2 component needs an entry)")
+    missing = [name for name in components if not (directory / name).is_dir()]
+    if missing:
+        folders = ", ".join(f"{name}/" for name in missing)
+        raise BackboneLoadError(f"{directory}: not a complete AudioLDM2 pipeline, missing the component folder(s) {folders}")
 
 
 class AudioLDM2Backbone(nn.Module):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 
+from rlmusic_pl.errors import RLMusicError
 
-class BackboneLoadError(RuntimeError):
+
+class BackboneLoadError(RLMusicError, RuntimeError):
     """A backbone's weights could not be loaded; the message says from where and why."""
 
 

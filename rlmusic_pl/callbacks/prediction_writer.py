@@ -1,4 +1,4 @@
-"""SweepWriter: the files of an attribute-strength sweep (WAVs, metric table, plots, mel grid).
+"""SweepWriter: the files of an attribute-strength sweep (WAVs, metric table, plots, mel grid, listening page).
 
 Layout under the module's ``sweep_dir``::
 
@@ -8,6 +8,8 @@ Layout under the module's ``sweep_dir``::
     plots/<metric>.png                              each metric against strength: a line per prompt,
                                                     mean over seeds, shaded from min to max
     mel_grid.png                                    log-mels, a row per prompt, a column per strength
+    index.html, mels/<clip>.png                     listening page: a row of players per prompt and seed,
+                                                    ordered by strength, each with its mel and metrics
 
 Every file is written atomically, and only when its content changed, so re-running a finished
 sweep writes nothing.
@@ -32,6 +34,7 @@ from tqdm.auto import tqdm
 
 from rlmusic_pl.callbacks.audio_logging import mel_image
 from rlmusic_pl.callbacks.sweep_clips import Clip, SweepClips
+from rlmusic_pl.callbacks.sweep_page import PAGE, sweep_page, thumbnail_file, thumbnail_png
 from rlmusic_pl.callbacks.tensorboard import tensorboard_writer
 from rlmusic_pl.data.audio import AUDIOLDM_MEL, atomic_write, load_audio, log_mel, write_wav
 
@@ -40,6 +43,7 @@ TABLE_CSV = "table.csv"
 TABLE_JSON = "table.json"
 PLOTS_DIR = "plots"
 MEL_GRID = "mel_grid.png"
+SETTINGS_FILE = "sweep_settings.json"
 CLIP_COLUMNS = ("prompt_index", "prompt", "negative_prompt", "seed", "strength", "file")
 ATTRIBUTE_PREFIX = "attribute."
 
@@ -48,20 +52,34 @@ class SweepWriter(BasePredictionWriter):
     """Write what ``SweepModule.predict_step`` returns into the module's ``sweep_dir``.
 
     Each rank writes the WAVs of the clips it generated as its batches finish; at the end, rank 0
-    gathers every clip's row and writes the table, the plots and the mel grid. The table holds
-    every clip of the sweep, including clips an earlier run wrote (the module reads and scores them).
+    gathers every clip's row and writes the table, the plots, the mel grid and the listening page.
+    The table holds every clip of the sweep, including clips an earlier run wrote (the module reads
+    and scores them), so the page of a resumed sweep shows every clip.
 
     Args:
         plots: draw ``plots/<metric>.png``.
         mel_grid: draw ``mel_grid.png`` (the lowest seed of each prompt).
+        page: write the listening page ``index.html`` and its mel thumbnails ``mels/<clip>.png``.
+        axis_label: what the swept value is called on the page and the plots (e.g. "coefficient");
+            default: ``axis_label`` in ``sweep_settings.json`` if set there, else "strength".
         log_audio: also log newly generated clips to TensorBoard when the trainer has that logger.
         progress: show a progress bar of clips done (generated or found) on rank 0.
     """
 
-    def __init__(self, plots: bool = True, mel_grid: bool = True, log_audio: bool = True, progress: bool = True) -> None:
+    def __init__(
+        self,
+        plots: bool = True,
+        mel_grid: bool = True,
+        page: bool = True,
+        axis_label: str | None = None,
+        log_audio: bool = True,
+        progress: bool = True,
+    ) -> None:
         super().__init__(write_interval="batch_and_epoch")
         self.plots = plots
         self.mel_grid = mel_grid
+        self.page = page
+        self.axis_label = axis_label
         self.log_audio = log_audio
         self.progress = progress
         self._rows: list[dict[str, Any]] = []
@@ -101,12 +119,16 @@ class SweepWriter(BasePredictionWriter):
             return
         out = pl_module.sweep_dir
         rows = sort_rows(rows)
+        settings = read_settings(out)
+        axis_label = self.axis_label or settings.get("axis_label") or "strength"
         write_table(out, rows)
         if self.plots:
             for metric in metric_names(rows):
-                write_if_changed(out / PLOTS_DIR / f"{safe_name(metric)}.png", figure_png(plot_metric(rows, metric)))
+                write_if_changed(out / plot_file(metric), figure_png(plot_metric(rows, metric, axis_label)))
         if self.mel_grid:
-            write_if_changed(out / MEL_GRID, figure_png(plot_mel_grid(rows, out / AUDIO_DIR)))
+            write_if_changed(out / MEL_GRID, figure_png(plot_mel_grid(rows, out, axis_label)))
+        if self.page:
+            write_page(out, rows, {**adapter_description(pl_module), **settings}, axis_label)
 
 
 # ------------------------------------------------------------------------------ rows and table
@@ -166,6 +188,47 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", name)
 
 
+def plot_file(metric: str) -> str:
+    return f"{PLOTS_DIR}/{safe_name(metric)}.png"
+
+
+def read_settings(directory: Path) -> dict[str, Any]:
+    """The generation settings the sweep module recorded in ``directory`` (empty if none)."""
+    path = directory / SETTINGS_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def adapter_description(pl_module: LightningModule) -> dict[str, str]:
+    """The swept adapter's directory and kind, when the module has one."""
+    described = {"adapter": getattr(pl_module, "adapter_path", None), "adapter_kind": getattr(pl_module, "adapter_kind", None)}
+    return {key: str(value) for key, value in described.items() if value is not None}
+
+
+# ------------------------------------------------------------------------------ listening page
+def write_page(directory: Path, rows: list[dict[str, Any]], settings: dict[str, Any], axis_label: str) -> None:
+    """``index.html`` of ``rows`` with each clip's mel thumbnail; links only the files that exist."""
+    for row in rows:
+        write_thumbnail(directory, row["file"])
+    metrics = metric_names(rows)
+    plots = {metric: plot_file(metric) for metric in metrics if (directory / plot_file(metric)).is_file()}
+    links = [name for name in (TABLE_CSV, TABLE_JSON, MEL_GRID, SETTINGS_FILE) if (directory / name).is_file()]
+    page = sweep_page(rows, metrics, settings, plots, links, axis="strength", axis_label=axis_label)
+    write_if_changed(directory / PAGE, page.encode())
+
+
+def write_thumbnail(directory: Path, clip_file: str) -> None:
+    """The clip's mel thumbnail, unless one at least as new as the clip exists (a regenerated clip gets a new one)."""
+    clip, thumbnail = directory / clip_file, directory / thumbnail_file(clip_file)
+    if not thumbnail.is_file() or thumbnail.stat().st_mtime_ns < clip.stat().st_mtime_ns:
+        png = thumbnail_png(clip_mel_image(clip))
+        atomic_write(thumbnail, lambda tmp: Path(tmp).write_bytes(png))
+
+
+def clip_mel_image(path: Path) -> torch.Tensor:
+    """The log-mel image [n_mels, frames] in [0, 1] of the WAV at ``path``."""
+    return mel_image(log_mel(load_audio(path, AUDIOLDM_MEL.sample_rate), AUDIOLDM_MEL))
+
+
 # ------------------------------------------------------------------------------ figures
 def figure_png(figure: Figure) -> bytes:
     buffer = io.BytesIO()
@@ -173,8 +236,8 @@ def figure_png(figure: Figure) -> bytes:
     return buffer.getvalue()
 
 
-def plot_metric(rows: list[dict[str, Any]], metric: str) -> Figure:
-    """``metric`` against strength: one line per prompt (mean over seeds), shaded from min to max."""
+def plot_metric(rows: list[dict[str, Any]], metric: str, axis_label: str = "strength") -> Figure:
+    """``metric`` against strength (named ``axis_label``): one line per prompt (mean over seeds), shaded from min to max."""
     by_prompt: dict[int, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     labels: dict[int, str] = {}
     for row in rows:
@@ -190,16 +253,16 @@ def plot_metric(rows: list[dict[str, Any]], metric: str) -> Figure:
         line, = axes.plot(strengths, mean, marker="o", label=_short(labels[index], 50))
         axes.fill_between(strengths, [v.min().item() for v in per_strength], [v.max().item() for v in per_strength],
                           color=line.get_color(), alpha=0.2, linewidth=0)
-    axes.set_xlabel("strength")
+    axes.set_xlabel(axis_label)
     axes.set_ylabel(metric)
-    axes.set_title(f"{metric} against strength (mean and range over seeds)")
+    axes.set_title(f"{metric} against {axis_label} (mean and range over seeds)")
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
     figure.tight_layout()
     return figure
 
 
-def plot_mel_grid(rows: list[dict[str, Any]], audio_dir: Path) -> Figure:
+def plot_mel_grid(rows: list[dict[str, Any]], directory: Path, axis_label: str = "strength") -> Figure:
     """Log-mels of each prompt (row) at each strength (column), for each prompt's lowest seed."""
     first_seed = {}
     for row in rows:
@@ -211,13 +274,12 @@ def plot_mel_grid(rows: list[dict[str, Any]], audio_dir: Path) -> Figure:
     grid = figure.subplots(len(prompts), len(strengths), squeeze=False)
     for row in shown:
         axes = grid[prompts.index(row["prompt_index"])][strengths.index(row["strength"])]
-        wave = load_audio(audio_dir.parent / row["file"], AUDIOLDM_MEL.sample_rate)
-        axes.imshow(mel_image(log_mel(wave, AUDIOLDM_MEL)).numpy(), aspect="auto", cmap="magma")
+        axes.imshow(clip_mel_image(directory / row["file"]).numpy(), aspect="auto", cmap="magma")
     for r, index in enumerate(prompts):
         prompt = next(row["prompt"] for row in shown if row["prompt_index"] == index)
         grid[r][0].set_ylabel(f"{_short(prompt, 28)}\nseed {first_seed[index]}", fontsize="x-small")
     for c, strength in enumerate(strengths):
-        grid[0][c].set_title(f"strength {strength:+g}", fontsize="small")
+        grid[0][c].set_title(f"{axis_label} {strength:+g}", fontsize="small")
     for axes in grid.flat:
         axes.set_xticks([])
         axes.set_yticks([])

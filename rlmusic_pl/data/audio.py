@@ -24,8 +24,10 @@ import soundfile
 import torch
 from transformers.audio_utils import mel_filter_bank
 
+from rlmusic_pl.errors import RLMusicError
 
-class AudioError(ValueError):
+
+class AudioError(RLMusicError, ValueError):
     """Raised for audio that cannot be read or used; the message names the file or the field."""
 
 
@@ -176,6 +178,33 @@ def atomic_directory_write(directory: str | os.PathLike, write) -> None:
             staging.replace(directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+class OutputPathError(RLMusicError, ValueError):
+    """An output location cannot be written; the message names the setting and the path."""
+
+
+def check_writable(
+    path: str | os.PathLike, field: str, error: type[Exception] = OutputPathError, replaced_whole: bool = False
+) -> None:
+    """``error`` naming ``field`` and ``path`` unless files can be written at ``path``; creates nothing.
+
+    ``path`` is a directory that need not exist yet (its missing parents are created when written).
+    ``replaced_whole``: it is written by ``atomic_directory_write``, which works beside it, in its parent.
+    """
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise error(f"{field} {path}: cannot write there (it is a file, not a folder); choose another {field}")
+    place = path.parent if replaced_whole else path
+    while not place.exists():
+        place = place.parent
+    try:
+        if not place.is_dir():
+            raise NotADirectoryError(f"{place} is a file, not a folder")
+        with tempfile.TemporaryFile(dir=place):
+            pass
+    except OSError as err:
+        raise error(f"{field} {path}: cannot write there ({err.strerror or err}); choose another {field}") from err
 
 
 def _give_usual_permissions(root: Path) -> None:

@@ -12,9 +12,10 @@ turned into AudioLDM's log-mel [frames, 64], saved as ``<out>/features/<relative
      "source_size": 320044, "source_mtime_ns": 1700000000000000000}
 
 Files already prepared (same size and modification time, features present) are skipped, so an
-interrupted run continues where it stopped. Files that cannot be used (not audio, corrupt, silent,
-shorter than one STFT frame or than ``--min-duration``) are reported by name and the rest go on.
-All files are written atomically.
+interrupted run continues where it stopped: the manifest is rewritten (atomically) every
+``MANIFEST_INTERVAL_S`` seconds during a run, so even a killed run loses at most that much work.
+Files that cannot be used (not audio, corrupt, silent, shorter than one STFT frame or than
+``--min-duration``) are reported by name and the rest go on. All files are written atomically.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import argparse
 import json
 import math
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,13 +33,15 @@ import torch
 from tqdm.auto import tqdm
 
 from rlmusic_pl.data.audio import AUDIOLDM_MEL, AudioError, atomic_write, load_audio, log_mel, read_jsonl
+from rlmusic_pl.errors import RLMusicError
 
 MANIFEST = "manifest.jsonl"
 FEATURES = "features"
 DEFAULT_SILENCE_DB = -60.0
+MANIFEST_INTERVAL_S = 1.0  # how often a run rewrites the manifest (rewriting it after every file costs O(files^2))
 
 
-class DataFolderError(ValueError):
+class DataFolderError(RLMusicError, ValueError):
     """A data folder is missing, empty or holds no usable example; the message names it."""
 
 
@@ -87,6 +91,14 @@ class PrepareReport:
         return "\n".join(lines)
 
 
+class PrepareInterrupted(KeyboardInterrupt):
+    """Ctrl-C during ``prepare_folder``; the manifest lists every file done before it (``report``, of ``total``)."""
+
+    def __init__(self, report: PrepareReport, total: int) -> None:
+        super().__init__(f"interrupted after {len(report.prepared) + len(report.skipped)} of {total} files")
+        self.report, self.total = report, total
+
+
 def read_manifest(directory: str | Path) -> list[dict]:
     """The entries of ``<directory>/manifest.jsonl`` (an error names the line that is not an entry)."""
     path = Path(directory) / MANIFEST
@@ -120,6 +132,20 @@ def prepare_file(source: Path, relative: str, out: Path, min_duration_s: float, 
             "source_size": stat.st_size, "source_mtime_ns": stat.st_mtime_ns}
 
 
+def split_done(
+    files: list[Path], source: Path, out: Path, previous: dict[str, dict]
+) -> tuple[dict[str, dict], list[tuple[Path, str]]]:
+    """The manifest entries of the files already prepared, and (path, relative path) of the others."""
+    done, todo = {}, []
+    for path in files:
+        relative = path.relative_to(source).as_posix()
+        if is_done(previous.get(relative), path, out):
+            done[relative] = previous[relative]
+        else:
+            todo.append((path, relative))
+    return done, todo
+
+
 def prepare_folder(source: str | Path, out: str | Path, min_duration_s: float = 0.0, silence_db: float = DEFAULT_SILENCE_DB,
                    overwrite: bool = False, progress: bool = True) -> PrepareReport:
     """Convert every audio file under ``source`` to log-mel features under ``out`` (see the module doc).
@@ -130,21 +156,23 @@ def prepare_folder(source: str | Path, out: str | Path, min_duration_s: float = 
     source, out = Path(source), Path(out)
     files = list_files(source, exclude=out)
     previous = {} if overwrite or not (out / MANIFEST).is_file() else {e["source"]: e for e in read_manifest(out)}
-    entries: dict[str, dict] = {}
-    report = PrepareReport()
+    entries, todo = split_done(files, source, out, previous)
+    report = PrepareReport(skipped=list(entries))
+    written = time.monotonic()
     try:
-        for path in tqdm(files, desc=f"prepare {source}", unit="file", disable=not progress):
-            relative = path.relative_to(source).as_posix()
-            if is_done(previous.get(relative), path, out):
-                entries[relative] = previous[relative]
-                report.skipped.append(relative)
-                continue
-            try:
-                entries[relative] = prepare_file(path, relative, out, min_duration_s, silence_db)
-                report.prepared.append(relative)
-            except AudioError as err:
-                report.failed[relative] = str(err).removeprefix(f"{path}: ")
-                tqdm.write(f"skipped {err}", file=sys.stderr)
+        with tqdm(todo, desc=f"prepare {source}", unit="file", disable=not progress) as bar:
+            for path, relative in bar:
+                try:
+                    entries[relative] = prepare_file(path, relative, out, min_duration_s, silence_db)
+                    report.prepared.append(relative)
+                except AudioError as err:
+                    report.failed[relative] = str(err).removeprefix(f"{path}: ")
+                    tqdm.write(f"skipped {err}", file=sys.stderr)
+                if time.monotonic() - written >= MANIFEST_INTERVAL_S:
+                    write_manifest(out, list(entries.values()))
+                    written = time.monotonic()
+    except KeyboardInterrupt:
+        raise PrepareInterrupted(report, len(files)) from None
     finally:
         # Also on Ctrl-C: what is done stays listed, and the next run skips it.
         write_manifest(out, list(entries.values()))
@@ -158,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         "AudioLDM log-mel features (16 kHz mono, 64 mel bins, 100 frames/s), saved as OUT/features/<file>.npy with "
         "a manifest OUT/manifest.jsonl. Files already prepared are skipped; unusable files are reported by name and "
         "the rest are still prepared. Exit status: 0 if every file was prepared, 1 if some were reported, 2 for a "
-        "missing or empty folder.",
+        "missing or empty folder, 130 if interrupted (Ctrl-C; run the same command again to resume).",
     )
     parser.add_argument("source", help="folder of audio files (searched recursively; hidden files are ignored)")
     parser.add_argument("out", help="output folder for features/ and manifest.jsonl (give it to the contrast sets as a folder)")
@@ -180,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     except DataFolderError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except PrepareInterrupted as stop:
+        done = len(stop.report.prepared) + len(stop.report.skipped)
+        print(f"interrupted: {done} of {stop.total} files are prepared and listed in {Path(args.out) / MANIFEST}; "
+              "run the same command again to prepare the rest", file=sys.stderr)
+        return 130
     print(report.summary(), file=sys.stderr if report.failed else sys.stdout)
     print(f"features and {MANIFEST} in {args.out}")
     return 1 if report.failed else 0

@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from rlmusic_pl.data.audio import read_jsonl
+from rlmusic_pl.errors import RLMusicError
 
 PromptItem = dict[str, Any]
 _RESERVED_KEYS = ("prompt", "negative_prompt", "attributes")
 
 
-class PromptError(ValueError):
+class PromptError(RLMusicError, ValueError):
     """Raised for a prompt source that cannot be used; the message names the file and line, or the key."""
 
 

@@ -8,12 +8,15 @@ and in which file layout the adapter is exported.
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import torch
 from lightning import LightningModule
 from torch import nn
 
+from rlmusic_pl.data.audio import check_writable
+from rlmusic_pl.errors import RLMusicError
 from rlmusic_pl.lora import Layout, LoRASettings, add_lora, copy_adapter, save_lora
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -26,8 +29,40 @@ def check_positive(error: type[Exception] = ValueError, **values: float) -> None
             raise error(f"{name} must be > 0, got {value}")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RLMusicError, RuntimeError):
     """A checkpoint does not hold what this module needs to continue."""
+
+
+MODULE_CLASS = "module_class"  # checkpoint entry: the module class that saved it
+
+
+def qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def class_name(path: str) -> str:
+    """``module.QualifiedName`` of the class at import path ``path`` (aliases resolved); ``path`` if it does not import."""
+    module, _, name = path.rpartition(".")
+    try:
+        return qualified_name(getattr(importlib.import_module(module), name))
+    except (ImportError, AttributeError, ValueError):
+        return path
+
+
+def check_checkpoint_class(checkpoint: dict, model_class: str, path: str | Path | None = None) -> None:
+    """CheckpointError naming both classes if ``checkpoint`` was saved by a module class other than ``model_class``.
+
+    The saving class is this library's own entry, else the class path LightningCLI keeps in the
+    hyperparameters; a checkpoint with neither is not checked here.
+    """
+    saved = checkpoint.get(MODULE_CLASS) or (checkpoint.get("hyper_parameters") or {}).get("_class_path")
+    if saved is None or class_name(saved) == class_name(model_class):
+        return
+    model = model_class.rpartition(".")[2]
+    raise CheckpointError(
+        f"{f'checkpoint {path}' if path else 'the checkpoint'} was saved by {saved.rpartition('.')[2]} ({saved}), but the model "
+        f"to resume is {model}; give the checkpoint of a {model} run, or leave out ckpt_path to start afresh"
+    )
 
 
 class BackboneModule(LightningModule):
@@ -101,23 +136,55 @@ class BackboneModule(LightningModule):
         return ".lora_" in key or ".rl_scale." in key or key.startswith(self.trainable_state_prefixes)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[MODULE_CLASS] = qualified_name(type(self))
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if self.is_trainable_state(k)}
         if self.backbone is not None:
             self.export_adapter()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        expected = {k for k in self.state_dict() if self.is_trainable_state(k)}
-        missing = sorted(expected - set(checkpoint.get("state_dict", {})))
+        check_checkpoint_class(checkpoint, qualified_name(type(self)), getattr(self._trainer, "ckpt_path", None))
+        expected = {k: v for k, v in self.state_dict().items() if self.is_trainable_state(k)}
+        saved = checkpoint.get("state_dict", {})
+        missing = sorted(expected.keys() - saved.keys())
         if missing:
             raise CheckpointError(
                 f"the checkpoint lacks {len(missing)} trainable tensors of this model (e.g. {missing[:3]}); "
                 "it was saved by a different model or LoRA configuration"
             )
+        mismatched = [f"{k} {tuple(saved[k].shape)} (this model: {tuple(v.shape)})"
+                      for k, v in expected.items() if saved[k].shape != v.shape]
+        if mismatched:
+            raise CheckpointError(
+                f"{len(mismatched)} tensors of the checkpoint differ in shape from this model's (e.g. {mismatched[0]}): "
+                "it was saved with other LoRA settings (lora_rank, lora_targets); resume with the settings it was saved with"
+            )
+        self.use_configured_optimizer_settings(checkpoint)
+
+    def use_configured_optimizer_settings(self, checkpoint: dict) -> None:
+        """Resume the optimizer's state (moments, step counts) with this module's settings (learning rate, betas, ...).
+
+        Lightning would restore the saved settings too, silently ignoring a learning rate changed for the resumed run.
+        """
+        if self.backbone is None or not checkpoint.get("optimizer_states"):
+            return  # nothing to optimise yet (load_from_checkpoint), or no optimizer saved
+        configured = self.configure_optimizers()
+        optimizers = configured if isinstance(configured, (list, tuple)) else [configured]
+        for state, optimizer in zip(checkpoint.get("optimizer_states", []), optimizers):
+            for saved_group, group in zip(state["param_groups"], optimizer.param_groups):
+                saved_group.update({key: value for key, value in group.items() if key != "params"})
 
     # ------------------------------------------------------------------------ export
     def setup(self, stage: str) -> None:
         # trainer.log_dir is a collective call under DDP: resolve it here, on every rank, never on rank 0 alone.
         self._run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        if stage == "fit":
+            self.check_outputs_writable()
+
+    def check_outputs_writable(self) -> None:
+        """OutputPathError naming the field, before any compute, if an adapter export could not be written."""
+        check_writable(self.adapter_dir, "adapter_dir", replaced_whole=True)
+        if self.hparams.export_to:
+            check_writable(self.hparams.export_to, "export_to", replaced_whole=True)
 
     @property
     def run_dir(self) -> Path:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from torch import nn
 
 from rlmusic_pl.backbone.audioldm2 import AudioLDM2Backbone
-from rlmusic_pl.modules.backbone_module import DTYPES, BackboneModule, CheckpointError, check_positive
+from rlmusic_pl.modules.backbone_module import DTYPES, BackboneModule, CheckpointError, check_checkpoint_class, check_positive
 
-__all__ = ["DTYPES", "AudioLDM2Module", "CheckpointError", "check_positive"]
+__all__ = ["DTYPES", "AudioLDM2Module", "CheckpointError", "check_checkpoint_class", "check_positive"]
 
 
 class AudioLDM2Module(BackboneModule):

@@ -29,7 +29,7 @@ from rlmusic_pl.lora import lora_parameters
 from rlmusic_pl.modules.advantages import PerPromptStatTracker, batch_advantages, group_advantages
 from rlmusic_pl.modules.base import AudioLDM2Module, CheckpointError, check_positive
 from rlmusic_pl.modules.ppo import clipped_surrogate
-from rlmusic_pl.rewards.base import Reward, RewardResult
+from rlmusic_pl.rewards.base import Reward, RewardResult, as_reward, as_rewards, check_rewards_for_prompts
 
 
 @dataclass
@@ -51,7 +51,9 @@ class DDPOModule(AudioLDM2Module):
     """DDPO fine-tuning of a LoRA on the AudioLDM2 UNet.
 
     Args:
-        reward: the reward to maximise (e.g. ``CLAPReward``, ``EmotionReward``, ``WeightedReward``).
+        reward: the reward to maximise (e.g. ``CLAPReward``, ``EmotionReward``, ``WeightedReward``; from
+            Python also a plain function ``(waveforms, sample_rate, prompts, attributes) -> [B]``, wrapped
+            in ``CallableReward``).
         monitor_rewards: rewards computed and logged on every epoch's samples but not optimised, to
             watch for reward hacking (e.g. emotion accuracy while optimising CLAP).
         duration_s: seconds of audio per sample.
@@ -119,10 +121,16 @@ class DDPOModule(AudioLDM2Module):
         if advantage == "group" and samples_per_prompt < 2:
             raise ValueError("advantage='group' needs samples_per_prompt >= 2")
         self.automatic_optimization = False
-        self.reward = reward
-        self.monitor_rewards = torch.nn.ModuleList(monitor_rewards or [])
+        self.reward = as_reward(reward, "DDPOModule reward")
+        self.monitor_rewards = torch.nn.ModuleList(as_rewards(monitor_rewards, "DDPOModule monitor_rewards"))
         self.stat_tracker = PerPromptStatTracker(stat_buffer_size, stat_min_count)
         self.epochs_sampled = 0
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        # Before the backbone loads: every prompt the rewards will score has the attributes they read.
+        splits = {"fit": ["train", "val"] if self.trainer.limit_val_batches else ["train"], "validate": ["val"], "test": ["test"]}
+        check_rewards_for_prompts([self.reward, *self.monitor_rewards], self.trainer.datamodule, splits.get(stage, []))
 
     def frozen_modules(self) -> list[torch.nn.Module]:
         return super().frozen_modules() + [self.reward, self.monitor_rewards]
@@ -227,13 +235,22 @@ class DDPOModule(AudioLDM2Module):
 
     def step_loss(self, rollouts: Rollouts, rows: Tensor, step_index: Tensor):
         """The clipped surrogate of one denoising step for the samples ``rows`` (each its own step)."""
+        log_prob = self.step_log_prob(rollouts, rows, step_index)
+        return clipped_surrogate(log_prob, rollouts.log_probs[rows, step_index], rollouts.advantages[rows], self.hparams.clip_range)
+
+    def step_log_prob(self, rollouts: Rollouts, rows: Tensor, step_index: Tensor) -> Tensor:
+        """Log-prob [len(rows)] of each sample's recorded step ``step_index`` under the current policy.
+
+        Before any update it equals the log-prob recorded while sampling: the guided noise prediction
+        is recomputed with each sample's own stored conditioning, negative and positive in sampling order.
+        """
         hp = self.hparams
         latents = rollouts.latents[rows, step_index]
         next_latents = rollouts.latents[rows, step_index + 1]
         timesteps = rollouts.timesteps[step_index]
         eps = self.backbone.predict_noise(latents, timesteps, rollouts.cond[rows.cpu()], hp.guidance_scale)
         _, log_prob = self.backbone.ddim_step(eps, timesteps, latents, hp.eta, prev_latents=next_latents)
-        return clipped_surrogate(log_prob, rollouts.log_probs[rows, step_index], rollouts.advantages[rows], hp.clip_range)
+        return log_prob
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Gradients arrive here unscaled (under 16-mixed); backward passes ran without DDP's sync.

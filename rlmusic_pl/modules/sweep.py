@@ -7,7 +7,7 @@
      strength starts from the same noise and only the adapter's strength differs. A clip depends on
      neither the other clips of its batch nor the rank, so a regenerated clip equals the one it replaces;
   3. every clip is scored as it is stored (16-bit PCM), so the table always matches its WAV file.
-``SweepWriter`` (rlmusic_pl.callbacks) writes the WAVs, the table, the plots and the mel grid.
+``SweepWriter`` (rlmusic_pl.callbacks) writes the WAVs, the table, the plots, the mel grid and the listening page.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import io
 import json
 import logging
 import math
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,16 +24,17 @@ import soundfile
 import torch
 from torch import Tensor
 
-from rlmusic_pl.callbacks.prediction_writer import SweepWriter
+from rlmusic_pl.callbacks.prediction_writer import SETTINGS_FILE, SweepWriter
 from rlmusic_pl.callbacks.samples import SampleBatch
 from rlmusic_pl.callbacks.sweep_clips import Clip, SweepClips
-from rlmusic_pl.data.audio import atomic_write, load_audio
+from rlmusic_pl.data.audio import atomic_write, check_writable, load_audio
+from rlmusic_pl.errors import RLMusicError
 from rlmusic_pl.evaluation import MusicEvaluator
 from rlmusic_pl.lora import LORA_WEIGHTS, SCALE_WEIGHTS, LoRAError, load_lora, read_adapter_info, read_lora_state_dict
 from rlmusic_pl.modules.base import AudioLDM2Module, check_positive
 from rlmusic_pl.modules.scale_ppo import load_gain_schedule
 from rlmusic_pl.modules.slider import generate_at_strengths
-from rlmusic_pl.rewards.base import Reward
+from rlmusic_pl.rewards.base import Reward, as_rewards, check_rewards_for_prompts
 from rlmusic_pl.rewards.stability import mel_ssim
 
 log = logging.getLogger(__name__)
@@ -43,10 +43,7 @@ SSIM_METRIC = "ssim_to_strength0"
 TRAIN_FIRST = "python -m rlmusic_pl fit --config configs/tiny/slider_stage1.yaml"
 
 
-SETTINGS_FILE = "sweep_settings.json"
-
-
-class SweepError(ValueError):
+class SweepError(RLMusicError, ValueError):
     """A sweep is misconfigured or its output directory cannot be used; the message names the field or path."""
 
 
@@ -101,8 +98,9 @@ class SweepModule(AudioLDM2Module):
 
     ``predict``: for each prompt x strength x seed one clip, generated from the same noise for every
     strength of a (prompt, seed); with ``SweepWriter`` among the trainer's callbacks it writes one
-    16-bit WAV per clip, a table of metrics (CSV and JSON), a plot of each metric against strength
-    and a mel-spectrogram grid, and a re-run only generates the clips that are missing.
+    16-bit WAV per clip, a table of metrics (CSV and JSON), a plot of each metric against strength,
+    a mel-spectrogram grid and a listening page (``index.html``), and a re-run only generates the
+    clips that are missing.
     ``validate`` / ``test``: clips at ``eval_strength`` for every prompt and seed, reported as mean
     CLAP similarity and emotion accuracy per class and overall (seed 001, Tables 1 and 2), from the
     ``CLAPReward`` and ``EmotionReward`` among ``metrics``.
@@ -117,8 +115,8 @@ class SweepModule(AudioLDM2Module):
         seeds: noise seeds; each (prompt, seed) uses the same noise at every strength.
         output_dir: where clips, table and plots go (default: ``<trainer default_root_dir>/sweep``).
         metrics: rewards whose components are the table's metrics (e.g. CLAP similarity, emotion
-            probability, an attribute metric); the SSIM of each clip's mel to its strength-0 clip is
-            added when 0 is among the strengths.
+            probability, an attribute metric; a plain function is wrapped in ``CallableReward``); the
+            SSIM of each clip's mel to its strength-0 clip is added when 0 is among the strengths.
         duration_s: seconds of audio per clip.
         num_steps: DDIM steps per clip.
         guidance_scale: classifier-free guidance scale.
@@ -159,7 +157,7 @@ class SweepModule(AudioLDM2Module):
         trained_on = info.get("backbone")
         if trained_on is not None and trained_on != self.hparams.backbone:
             log.warning("adapter %s was trained on backbone %r but the sweep loads %r", self.adapter_path, trained_on, self.hparams.backbone)
-        self.metrics = torch.nn.ModuleList(metrics or [])
+        self.metrics = torch.nn.ModuleList(as_rewards(metrics, "SweepModule metrics"))
         self.evaluator = MusicEvaluator.from_rewards(list(self.metrics))
 
     def add_adapters(self, unet: torch.nn.Module) -> None:
@@ -185,7 +183,8 @@ class SweepModule(AudioLDM2Module):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if stage == "predict":  # before the backbone loads
-            check_writable(self.sweep_dir)
+            check_writable(self.sweep_dir, "output_dir", SweepError)
+            check_rewards_for_prompts(self.metrics, self.trainer.datamodule, ["predict"])
             check_same_settings(self.sweep_dir, self.generation_settings())
 
     def generation_settings(self) -> dict:
@@ -310,14 +309,3 @@ def check_same_settings(directory: Path, settings: dict) -> None:
         return
     text = json.dumps(settings, indent=2, sort_keys=True)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
-def check_writable(directory: Path) -> None:
-    """Create ``directory`` if needed; SweepError unless files can be written in it."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-    except OSError as err:
-        raise SweepError(f"output_dir {directory}: cannot write there ({err.strerror or err}); choose another --model.output_dir") from err
-

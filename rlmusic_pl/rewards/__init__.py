@@ -1,6 +1,6 @@
 """Rewards: batched torch callables from generated audio (and its prompts) to one score per sample."""
 
-from rlmusic_pl.rewards.base import Reward, RewardError, RewardResult
+from rlmusic_pl.rewards.base import CallableReward, Reward, RewardError, RewardResult
 from rlmusic_pl.rewards.clap import CLAPReward
 from rlmusic_pl.rewards.combined import WeightedReward
 from rlmusic_pl.rewards.emotion import EmotionReward
@@ -16,6 +16,7 @@ from rlmusic_pl.rewards.stability import (
 __all__ = [
     "BandEnergyReward",
     "CLAPReward",
+    "CallableReward",
     "EmotionReward",
     "LoudnessReward",
     "Reward",

@@ -120,6 +120,12 @@ class CLAPReward(Reward):
         )
         return similarity.float()
 
+    @property
+    def required_attributes(self) -> frozenset[str]:
+        """The attributes ``text`` names besides ``prompt``."""
+        names = {field.split(".")[0].split("[")[0] for _, field, _, _ in string.Formatter().parse(self.text) if field}
+        return frozenset(names - {"prompt"})
+
     def reward_text(self, prompt: str, attributes: dict[str, str]) -> str:
         """The text one sample is scored against (``text`` filled in with its prompt and attributes)."""
         try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from rlmusic_pl.rewards.base import Reward
+from rlmusic_pl.rewards.base import Reward, as_reward
 
 
 def weights_by_name(owner: str, rewards: dict, weights: dict[str, float] | None) -> dict[str, float]:
@@ -27,7 +27,8 @@ class WeightedReward(Reward):
     also reports each of them as ``"key/component"``.
 
     Args:
-        rewards: the rewards to combine, by the name used for logging (no ``.`` in names).
+        rewards: the rewards to combine, by the name used for logging (no ``.`` in names); a plain
+            function is wrapped in ``CallableReward``.
         weights: weight per reward name; rewards not named here get 1.0.
         name: the name under which the total is logged.
     """
@@ -35,7 +36,8 @@ class WeightedReward(Reward):
     def __init__(self, rewards: dict[str, Reward], weights: dict[str, float] | None = None, name: str = "total") -> None:
         super().__init__(name)
         self.weights = weights_by_name(type(self).__name__, rewards, weights)
-        self.rewards = nn.ModuleDict(rewards)
+        owner = type(self).__name__
+        self.rewards = nn.ModuleDict({key: as_reward(reward, f"{owner} reward {key!r}") for key, reward in rewards.items()})
 
     def forward(self, waveforms: Tensor, sample_rate: int, prompts: list[str], attributes: list[dict[str, str]]) -> Tensor:
         return self.combine(self.components(waveforms, sample_rate, prompts, attributes))
@@ -53,3 +55,11 @@ class WeightedReward(Reward):
 
     def combine(self, components: dict[str, Tensor]) -> Tensor:
         return sum(weight * components[key] for key, weight in self.weights.items())
+
+    @property
+    def required_attributes(self) -> frozenset[str]:
+        return frozenset().union(*(reward.required_attributes for reward in self.rewards.values()))
+
+    def check_prompts(self, prompts: list[str], attributes: list[dict[str, str]]) -> None:
+        for reward in self.rewards.values():
+            reward.check_prompts(prompts, attributes)

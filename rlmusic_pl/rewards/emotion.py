@@ -269,6 +269,13 @@ class EmotionReward(Reward):
             targets.append(index)
         return torch.tensor(targets, dtype=torch.long)
 
+    @property
+    def required_attributes(self) -> frozenset[str]:
+        return frozenset({self.attribute})
+
+    def check_prompts(self, prompts: list[str], attributes: list[dict[str, str]]) -> None:
+        self.target_classes(prompts, attributes)  # also refuses values that are no emotion
+
     def forward(self, waveforms: Tensor, sample_rate: int, prompts: list[str], attributes: list[dict[str, str]]) -> Tensor:
         targets = self.target_classes(prompts, attributes).to(waveforms.device)
         probs = self.probabilities(waveforms, sample_rate)

@@ -1,6 +1,9 @@
 """The tiny random-weight AudioLDM2: deterministic by seed, offline, and a working AudioLDM2."""
 
+import re
+import shutil
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,6 +80,46 @@ def test_directory_without_model_index_is_a_clear_error(tmp_path):
     with pytest.raises(BackboneLoadError, match="model_index.json") as info:
         AudioLDM2Backbone.load(str(tmp_path))
     assert str(tmp_path) in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def saved_pipeline(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("pipeline") / "tiny"
+    build_tiny_pipeline(seed=0).save_pretrained(directory)
+    return directory
+
+
+def copy_of(directory: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(directory, tmp_path / directory.name))
+
+
+def test_a_saved_pipeline_without_a_component_folder_names_it(saved_pipeline, tmp_path):
+    directory = copy_of(saved_pipeline, tmp_path)
+    shutil.rmtree(directory / "unet")
+    expected = r"tiny: not a complete AudioLDM2 pipeline, missing the component folder\(s\) unet/$"
+    with pytest.raises(BackboneLoadError, match=expected):
+        AudioLDM2Backbone.load(str(directory))
+
+
+@pytest.mark.parametrize("index, expected", [
+    ("{}", 'model_index.json: no "_class_name" field'),
+    ("[]", 'model_index.json: no "_class_name" field'),
+    ("{not json", "model_index.json: not valid JSON"),
+    ('{"_class_name": "StableDiffusionPipeline"}', "model_index.json: a StableDiffusionPipeline pipeline, not an AudioLDM2"),
+    ('{"_class_name": "AudioLDM2Pipeline", "unet": ["audioldm2", "AudioLDM2UNet2DConditionModel"]}',
+     "model_index.json: lists no vae, text_encoder, "),
+])
+def test_a_model_index_that_does_not_describe_an_audioldm2_pipeline_names_the_field(saved_pipeline, tmp_path, index, expected):
+    directory = copy_of(saved_pipeline, tmp_path)
+    (directory / "model_index.json").write_text(index)
+    with pytest.raises(BackboneLoadError, match=re.escape(expected)):
+        AudioLDM2Backbone.load(str(directory))
+
+
+def test_a_saved_pipeline_loads_from_its_directory(saved_pipeline):
+    loaded, built = AudioLDM2Backbone.load(str(saved_pipeline)), AudioLDM2Backbone.load("tiny")
+    for name, value in built.unet.state_dict().items():
+        assert torch.equal(loaded.unet.state_dict()[name], value), name
 
 
 def test_unknown_hub_id_offline_is_a_clear_error(monkeypatch, no_network):

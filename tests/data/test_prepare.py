@@ -1,6 +1,7 @@
 """prepare: audio folder -> log-mel features + manifest; bad files reported by name; resumable; CLI."""
 
 import json
+import signal
 import subprocess
 import sys
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 import soundfile
 
+from rlmusic_pl.data import prepare
 from rlmusic_pl.data.prepare import MANIFEST, DataFolderError, build_parser, main, prepare_folder, read_manifest
 
 
@@ -98,3 +100,61 @@ def test_bad_manifest_line_is_named(tmp_path):
     (tmp_path / MANIFEST).write_text(json.dumps({"source": "a.wav", "features": "features/a.wav.npy"}) + "\n{oops\n")
     with pytest.raises(DataFolderError, match=rf"{MANIFEST}:2: invalid JSON"):
         read_manifest(tmp_path)
+
+
+def good_folder(tmp_path, count: int = 4):
+    source = tmp_path / "audio"
+    source.mkdir()
+    for index in range(count):
+        soundfile.write(source / f"{index}.wav", tone(0.2, 16000), 16000)
+    return source
+
+
+def test_ctrl_c_prints_one_line_with_the_count_done_and_a_rerun_resumes(tmp_path, capsys, monkeypatch):
+    source, out = good_folder(tmp_path), tmp_path / "out"
+    real, calls = prepare.prepare_file, []
+
+    def interrupted_at_the_third(*args):
+        calls.append(args)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(prepare, "prepare_file", interrupted_at_the_third)
+    try:
+        status = main([str(source), str(out), "--no-progress"])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C reached the user as a KeyboardInterrupt traceback")
+    assert status == 130
+    assert capsys.readouterr().err.splitlines() == [
+        f"interrupted: 2 of 4 files are prepared and listed in {out / MANIFEST}; run the same command again to prepare the rest"
+    ]
+    monkeypatch.setattr(prepare, "prepare_file", real)
+    report = prepare_folder(source, out, progress=False)
+    assert report.skipped == ["0.wav", "1.wav"] and report.prepared == ["2.wav", "3.wav"]
+
+
+KILLED_AT_THE_THIRD_FILE = """
+import os, signal, sys
+from rlmusic_pl.data import prepare
+prepare.MANIFEST_INTERVAL_S = 0.0
+real, done = prepare.prepare_file, []
+def killed_at_the_third(*args):
+    if len(done) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    done.append(real(*args))
+    return done[-1]
+prepare.prepare_file = killed_at_the_third
+prepare.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_run_leaves_a_manifest_of_the_files_done_and_a_rerun_skips_them(tmp_path):
+    source, out = good_folder(tmp_path), tmp_path / "out"
+    command = [sys.executable, "-c", KILLED_AT_THE_THIRD_FILE, str(source), str(out), "--no-progress"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    assert [entry["source"] for entry in read_manifest(out)] == ["0.wav", "1.wav"]
+    report = prepare_folder(source, out, progress=False)
+    assert report.skipped == ["0.wav", "1.wav"] and report.prepared == ["2.wav", "3.wav"]

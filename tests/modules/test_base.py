@@ -1,11 +1,13 @@
-"""AudioLDM2Module checkpoints: only the trainable state is saved, and a checkpoint without it is refused."""
+"""AudioLDM2Module checkpoints: only the trainable state is saved, a checkpoint without it (or of another module) is
+refused, and a resumed run trains with the module's own optimizer settings."""
 
 import pytest
 import torch
 from lightning import Trainer
 
+from rlmusic_pl.data import SyntheticContrastSets
 from rlmusic_pl.data.datamodule import PromptAttributeDataModule
-from rlmusic_pl.modules import CheckpointError, DDPOModule
+from rlmusic_pl.modules import CheckpointError, DDPOModule, SliderModule
 from rlmusic_pl.rewards import SpectralCentroidReward
 
 MODULE_ARGS = dict(
@@ -22,17 +24,21 @@ def is_trainable_key(key: str) -> bool:
     return ".lora_" in key or ".rl_scale." in key
 
 
+def fit_trainer(root, max_steps: int = 1) -> Trainer:
+    return Trainer(accelerator="cpu", devices=1, max_steps=max_steps, limit_val_batches=0, default_root_dir=root, logger=False,
+                   enable_progress_bar=False, enable_model_summary=False)
+
+
+def prompts() -> PromptAttributeDataModule:
+    return PromptAttributeDataModule(prompts=["a happy piano solo"], batch_size=1)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A one-step DDPO fit on the tiny backbone; returns the module and its checkpoint path."""
     root = tmp_path_factory.mktemp("run")
     module = tiny_module()
-    data = PromptAttributeDataModule(prompts=["a happy piano solo"], batch_size=1)
-    trainer = Trainer(
-        accelerator="cpu", devices=1, max_steps=1, limit_val_batches=0, default_root_dir=root, logger=False,
-        enable_progress_bar=False, enable_model_summary=False,
-    )
-    trainer.fit(module, datamodule=data)
+    fit_trainer(root).fit(module, datamodule=prompts())
     (checkpoint,) = root.rglob("*.ckpt")
     return module, checkpoint
 
@@ -88,3 +94,37 @@ def test_frozen_backbone_stays_in_eval_mode_when_training():
     assert {id(p) for p in module.parameters() if p.requires_grad} == {
         id(p) for n, p in module.named_parameters() if ".lora_A." in n or ".lora_B." in n
     }
+
+
+@pytest.fixture(scope="module")
+def slider_checkpoint(tmp_path_factory):
+    """The checkpoint of a one-step SliderModule fit."""
+    root = tmp_path_factory.mktemp("slider")
+    contrast = SyntheticContrastSets(str(root / "synthetic"), count=2, duration_s=1.0, segment_s=1.0)
+    data = PromptAttributeDataModule(prompts=["a piano"], batch_size=2, contrast=contrast)
+    fit_trainer(root).fit(SliderModule(backbone="tiny", duration_s=1.0), data)
+    (checkpoint,) = root.rglob("*.ckpt")
+    return checkpoint
+
+
+def test_resuming_from_a_checkpoint_of_another_module_names_both_classes_before_writing(slider_checkpoint, tmp_path):
+    module = tiny_module(export_to=str(tmp_path / "export"))
+    expected = r"slider.*ckpt was saved by SliderModule .*, but the model to resume is DDPOModule"
+    with pytest.raises(CheckpointError, match=expected):
+        fit_trainer(tmp_path, max_steps=2).fit(module, prompts(), ckpt_path=slider_checkpoint)
+    assert not (tmp_path / "export").exists() and not (tmp_path / "adapter").exists()
+
+
+def test_resuming_with_another_lora_rank_names_the_tensors_that_do_not_fit(trained, tmp_path):
+    _, path = trained
+    with pytest.raises(CheckpointError, match=r"differ in shape .*\(2, \d+\) \(this model: \(4, \d+\)\).*lora_rank"):
+        fit_trainer(tmp_path, max_steps=2).fit(tiny_module(lora_rank=4), prompts(), ckpt_path=path)
+
+
+def test_a_resumed_run_trains_with_its_own_learning_rate_and_the_saved_moments(trained, tmp_path):
+    _, path = trained
+    trainer = fit_trainer(tmp_path, max_steps=2)
+    trainer.fit(tiny_module(learning_rate=0.5, weight_decay=0.25), prompts(), ckpt_path=path)
+    group = trainer.optimizers[0].param_groups[0]
+    assert group["lr"] == 0.5 and group["weight_decay"] == 0.25
+    assert trainer.optimizers[0].state[group["params"][0]]["step"] == 2  # the saved moments went on

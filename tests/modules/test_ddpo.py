@@ -1,4 +1,4 @@
-"""DDPOModule in real Lightning runs on the tiny backbone: resume, bad rewards, DDP on two CPU processes."""
+"""DDPOModule in real Lightning runs on the tiny backbone: the policy identity, resume, bad rewards, DDP on two CPU processes."""
 
 import json
 import os
@@ -10,9 +10,12 @@ import pytest
 import torch
 from lightning import Callback, Trainer
 
+from policy_identity import SampledBatch, check_policy_identity
 from rlmusic_pl.data import PromptAttributeDataModule
+from rlmusic_pl.data.audio import OutputPathError
+from rlmusic_pl.lora import lora_parameters
 from rlmusic_pl.modules import CheckpointError, DDPOModule
-from rlmusic_pl.rewards import Reward, RewardError, SpectralCentroidReward
+from rlmusic_pl.rewards import CallableReward, EmotionReward, Reward, RewardError, SpectralCentroidReward
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(backbone="tiny", duration_s=0.5, num_steps=3, samples_per_prompt=2, sample_batch_size=4, train_batch_size=2,
@@ -36,6 +39,47 @@ class LossRecorder(Callback):
 def trainer(tmp_path, max_epochs: int, **kwargs) -> Trainer:
     return Trainer(accelerator="cpu", max_epochs=max_epochs, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
                    enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, **kwargs)
+
+
+class ReplayDDPO(DDPOModule):
+    """DDPOModule whose training step trains on given rollouts and records each step's recomputed log-prob."""
+
+    replay = None  # Rollouts to train on instead of sampling; None: sample as usual
+    recomputed = None  # [samples, steps], filled by the training pass
+
+    def sample_rollouts(self, batch, generator):
+        return super().sample_rollouts(batch, generator) if self.replay is None else self.replay
+
+    def step_log_prob(self, rollouts, rows, step_index):
+        log_prob = super().step_log_prob(rollouts, rows, step_index)
+        assert self.recomputed[rows, step_index].isnan().all(), "a step was trained twice before the optimizer step"
+        self.recomputed[rows, step_index] = log_prob.detach()
+        return log_prob
+
+
+def test_the_training_pass_scores_exactly_the_policy_that_sampled(tmp_path):
+    # Three prompts, each with its own negative prompt, two samples each: minibatches of 4 (every order
+    # is shuffled) mix prompts; guidance on; one optimizer step, after every step has been scored.
+    prompts, negatives = ["a happy piano", "a sad violin", "an angry drum"], ["noise", "low quality", "a choir"]
+    module = ReplayDDPO(SpectralCentroidReward(), **{**TINY, "train_batch_size": 4, "gradient_accumulation": 2, "clip_range": 1e-4})
+    module.configure_model()
+    generator = torch.Generator().manual_seed(0)
+    for param in lora_parameters(module.backbone.unet):  # a LoRA that acts, as it does after training
+        param.data = 0.2 * torch.randn(param.shape, generator=generator)
+
+    def sample() -> SampledBatch:
+        batch = {"prompt": prompts, "negative_prompt": negatives, "attributes": [{}] * 3}
+        rollouts = module.sample_rollouts(batch, torch.Generator().manual_seed(1))
+        negative_prompts = [n for n in negatives for _ in range(module.hparams.samples_per_prompt)]
+        return SampledBatch(rollouts.prompts, negative_prompts, rollouts.log_probs, rollouts)
+
+    def recompute(sampled: SampledBatch) -> torch.Tensor:
+        module.replay, module.recomputed = sampled.state, torch.full_like(sampled.log_probs, float("nan"))
+        data = PromptAttributeDataModule(prompts=prompts, batch_size=3)
+        trainer(tmp_path, 1, max_steps=1, enable_checkpointing=False).fit(module, data)
+        return module.recomputed
+
+    check_policy_identity(sample, recompute, clip_range=module.hparams.clip_range)
 
 
 def test_resumed_training_gives_the_same_next_step_loss(tmp_path):
@@ -98,6 +142,71 @@ def test_monitor_rewards_are_logged_but_not_optimised(tmp_path):
     assert "train/reward/total" in run.callback_metrics
 
 
+class GivenValues(Reward):
+    """A reward whose values the test sets (``values``), whatever the audio."""
+
+    def __init__(self, name: str, values: torch.Tensor) -> None:
+        super().__init__(name)
+        self.values = values
+
+    def forward(self, waveforms, sample_rate, prompts, attributes):
+        return self.values.clone()
+
+
+def test_changing_a_monitor_rewards_values_changes_neither_advantages_nor_loss():
+    monitor = GivenValues("judge", torch.zeros(4))
+    module = DDPOModule(SpectralCentroidReward(), monitor_rewards=[monitor], **{**TINY, "stat_min_count": 16})
+    module.configure_model()
+    batch = {"prompt": ["a happy piano", "a sad piano"], "negative_prompt": ["noise"] * 2, "attributes": [{}, {}]}
+    rollouts = module.sample_rollouts(batch, torch.Generator().manual_seed(0))
+    module.backbone.set_timesteps(module.hparams.num_steps)
+    minibatch = torch.tensor([0, 3])
+    fresh_statistics = module.stat_tracker.state_dict()
+    results = []
+    for values in (torch.tensor([0.9, 0.1, 0.4, 0.7]), torch.tensor([0.2, 0.8, 0.6, 0.0])):  # the same samples, judged anew
+        monitor.values = values
+        module.stat_tracker.load_state_dict(fresh_statistics)
+        rollouts.rewards = module.score(rollouts.waveforms, rollouts.prompts, rollouts.attributes)
+        rollouts.advantages = module.compute_advantages(rollouts)
+        loss = module.step_loss(rollouts, minibatch, torch.ones_like(minibatch)).loss.detach()
+        results.append((rollouts.rewards.components["monitor/judge"], rollouts.advantages, loss))
+    (judged, advantages, loss), (judged_again, advantages_again, loss_again) = results
+    assert not torch.equal(judged, judged_again)  # the monitor's values did change (and are what is logged)
+    assert advantages.abs().sum() > 0 and loss != 0
+    assert torch.equal(advantages_again, advantages)
+    assert torch.equal(loss_again, loss)
+
+
+def level(waveforms, sample_rate, prompts, attributes):
+    return waveforms.abs().mean(dim=1)
+
+
+def test_a_plain_function_is_a_reward_and_a_monitor_reward(tmp_path):
+    module = DDPOModule(level, monitor_rewards=[level], **TINY)
+    assert isinstance(module.reward, CallableReward)
+    run = trainer(tmp_path, 1)
+    run.fit(module, data())
+    assert "train/reward/level" in run.callback_metrics and "train/reward/monitor/level" in run.callback_metrics
+
+
+def test_an_export_to_that_cannot_be_written_is_refused_before_the_backbone_loads(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    module = DDPOModule(SpectralCentroidReward(), export_to=str(blocker / "adapter"), **TINY)
+    with pytest.raises(OutputPathError, match=r"export_to .*a_file/adapter: cannot write there .*choose another export_to"):
+        trainer(tmp_path, 1).fit(module, data())
+    assert module.backbone is None
+
+
+def test_a_monitor_reward_needing_an_attribute_some_prompts_lack_is_refused_before_the_backbone_loads(tmp_path):
+    module = DDPOModule(SpectralCentroidReward(), monitor_rewards=[EmotionReward(n_channels=8)], **TINY)
+    sad = {"prompt": "a sad piano", "attributes": {"emotion": "sad"}}
+    prompts = PromptAttributeDataModule(prompts=[sad, "a piano"], batch_size=2)
+    with pytest.raises(RewardError, match="train prompts: reward 'emotion': prompt 'a piano' has no 'emotion' attribute"):
+        trainer(tmp_path, 1).fit(module, prompts)
+    assert module.backbone is None
+
+
 def test_group_advantages_need_several_samples_per_prompt():
     with pytest.raises(ValueError, match="samples_per_prompt"):
         DDPOModule(SpectralCentroidReward(), advantage="group", samples_per_prompt=1, backbone="tiny")
@@ -122,9 +231,28 @@ def test_ddp_on_two_cpu_processes_keeps_ranks_in_agreement(tmp_path):
     assert states[0]["lora_sum"] != pytest.approx(states[0]["lora_sum_at_start"], rel=1e-6)  # and they did train
 
 
-def test_mixed_precision_keeps_lora_weights_in_float32(tmp_path):
-    from rlmusic_pl.lora import lora_parameters
+@pytest.mark.slow
+def test_two_ranks_with_half_the_samples_each_make_the_update_of_one_process_with_all(tmp_path):
+    import ddpo_fixed_update
 
+    single = torch.load(ddpo_fixed_update.run(1, tmp_path / "single") / "rank0.pt")
+    command = [sys.executable, str(ROOT / "tests" / "ddpo_fixed_update.py"), "2", str(tmp_path / "ddp")]
+    result = subprocess.run(command, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in (0, 1)]
+
+    def update(state) -> torch.Tensor:
+        return torch.cat([(state["after"][k] - state["before"][k]).flatten() for k in sorted(state["before"])])
+
+    expected = update(single)
+    assert expected.abs().max() > 0
+    for rank in ranks:
+        torch.testing.assert_close(rank["before"], single["before"], rtol=0, atol=0)
+        torch.testing.assert_close(update(rank), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def test_mixed_precision_keeps_lora_weights_in_float32(tmp_path):
     module = DDPOModule(SpectralCentroidReward(), **TINY)
     run = trainer(tmp_path, 1, precision="bf16-mixed")
     run.fit(module, data())
@@ -133,8 +261,6 @@ def test_mixed_precision_keeps_lora_weights_in_float32(tmp_path):
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
-    from rlmusic_pl.lora import lora_parameters
-
     batch = {"prompt": ["a happy piano", "a sad piano"], "negative_prompt": ["noise"] * 2, "attributes": [{}, {}]}
     gradients, inner_calls = [], []
     for checkpointing in (False, True):

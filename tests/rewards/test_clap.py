@@ -99,6 +99,14 @@ def test_reward_text_is_a_template_over_prompt_and_attributes(waveforms):
         CLAPReward(model="tiny", text="a {prompt")
 
 
+def test_the_attributes_the_text_template_names_are_required(reward):
+    assert reward.required_attributes == frozenset()
+    by_attributes = CLAPReward(model="tiny", text="a {emotion} {instrument!s} for {prompt}")
+    assert by_attributes.required_attributes == {"emotion", "instrument"}
+    with pytest.raises(RewardError, match=r"needs the prompt attribute\(s\) \['instrument'\], but prompt 'x'"):
+        by_attributes.check_prompts(["x"], [{"emotion": "sad"}])
+
+
 def test_tiny_model_is_deterministic_by_seed(waveforms):
     same = score(CLAPReward(model="tiny", seed=0), waveforms)
     torch.testing.assert_close(same, score(CLAPReward(model="tiny", seed=0), waveforms))

@@ -4,7 +4,7 @@ import pytest
 import torch
 from jsonargparse import ArgumentParser
 
-from rlmusic_pl.rewards import LoudnessReward, Reward, RewardError, SpectralCentroidReward, WeightedReward
+from rlmusic_pl.rewards import EmotionReward, LoudnessReward, Reward, RewardError, SpectralCentroidReward, WeightedReward
 
 SR = 16000
 
@@ -112,3 +112,20 @@ reward:
         waveforms, SR, [], []
     )
     torch.testing.assert_close(evaluate(reward, waveforms).total, expected)
+
+
+def test_a_plain_function_is_a_component_too(waveforms):
+    def level(waveforms, sample_rate, prompts, attributes):
+        return waveforms.abs().mean(dim=1)
+
+    result = evaluate(WeightedReward({"level": level, "loud": LoudnessReward()}, {"level": 2.0}), waveforms)
+    torch.testing.assert_close(result.components["level"], waveforms.abs().mean(dim=1))
+    torch.testing.assert_close(result.total, 2 * result.components["level"] + result.components["loud"])
+
+
+def test_required_attributes_are_those_of_every_component_and_checks_name_the_component():
+    reward = WeightedReward({"emotion": EmotionReward(n_channels=8), "loud": LoudnessReward()})
+    assert reward.required_attributes == {"emotion"}
+    reward.check_prompts(["a"], [{"emotion": "sad"}])
+    with pytest.raises(RewardError, match="reward 'emotion': prompt 'b' has no 'emotion' attribute"):
+        reward.check_prompts(["a", "b"], [{"emotion": "sad"}, {}])

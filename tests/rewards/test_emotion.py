@@ -207,3 +207,10 @@ def test_emopia_parameter_names_and_shapes():
     assert state["layer7.bn_3.running_var"].shape == (512,)
     assert state["dense1.weight"].shape == (512, 512) and state["bn.running_mean"].shape == (512,)
     assert state["dense2.weight"].shape == (4, 512)
+
+
+def test_prompts_are_checked_before_any_audio_for_the_attribute_and_its_value(reward):
+    assert reward.required_attributes == {"emotion"}
+    reward.check_prompts(PROMPTS, ATTRIBUTES)
+    with pytest.raises(RewardError, match="prompt 'joyful piano' has emotion='joyful'; expected one of happy"):
+        reward.check_prompts(["joyful piano"], [{"emotion": "joyful"}])
