@@ -59,15 +59,18 @@ class TensorMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         output = func(*args, **(kwargs or {}))
+        # An output on an input's storage (a view, an in-place result) allocated nothing, even when
+        # that input was made before the context (``linear`` views every weight through ``t``).
+        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for value in tree_leaves(output):
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, torch.Tensor) and value.untyped_storage()._cdata not in inputs:
                 self._count(value.untyped_storage())
         return output
 
     def _count(self, storage: torch.UntypedStorage) -> None:
         key = storage._cdata
         if key in self._alive or storage.nbytes() == 0:
-            return  # a view, an in-place result or an output that aliases an input
+            return  # already counted
         size = storage.nbytes()
         self.live += size
         self.peak = max(self.peak, self.live)

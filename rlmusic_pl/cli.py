@@ -54,7 +54,7 @@ class RLMusicCLI(LightningCLI):
       Arguments given on the command line of *this* run (``--model.learning_rate=1e-4``) are kept
       instead (LightningCLI drops them silently): the user typed them to change the resumed run, e.g.
       to continue at a lower learning rate (the optimizer takes its settings from the module's
-      arguments, see ``AudioLDM2Module.use_configured_optimizer_settings``).
+      arguments, see ``BackboneModule.use_configured_optimizer_settings``).
     - **Bad input found while building the classes** (an unreadable adapter file, a value out of range)
       is printed as one line, ``error: <the library's message>``, exit status 2, instead of jsonargparse's
       "Does not validate against any of the Union subtypes" and a dump of the whole config.

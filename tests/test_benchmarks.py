@@ -78,3 +78,16 @@ def test_tensor_memory_counts_live_storages_once_and_releases_freed_ones():
     assert memory.live == 2 * mib
     del second
     assert memory.live == 0
+
+
+def test_tensor_memory_does_not_count_views_of_tensors_made_before_it():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from full_size_memory import TensorMemory
+
+    weight, x = torch.randn(256, 512), torch.randn(4, 512)
+    with TensorMemory() as memory:
+        transposed = weight.t()  # what linear does to every weight
+        weight.mul_(1.0)
+        y = torch.nn.functional.linear(x, weight)
+    assert memory.peak == y.untyped_storage().nbytes() == 4 * 256 * 4
+    del transposed

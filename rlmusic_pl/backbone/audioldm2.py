@@ -7,36 +7,30 @@ noise prediction, a DDIM step with its log-probability, and the latent <-> mel <
 
 from __future__ import annotations
 
-import functools
 import inspect
 import json
 import logging
 import math
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.utils.checkpoint
 from diffusers import AudioLDM2Pipeline, DDIMScheduler
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from rlmusic_pl.backbone.checkpointing import checkpoint_each
 from rlmusic_pl.backbone.conditioning import PromptConditioning, TextConditioning
 from rlmusic_pl.backbone.ddim import ddim_step_with_logprob
+from rlmusic_pl.backbone.loading import BackboneLoadError, hub_load_error
 from rlmusic_pl.backbone.tiny import build_tiny_pipeline
 from rlmusic_pl.data.audio import AUDIOLDM_MEL, log_mel
-from rlmusic_pl.errors import RLMusicError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "cvssp/audioldm2-music"
 TINY = "tiny"
-
-
-class BackboneLoadError(RLMusicError, RuntimeError):
-    """The AudioLDM2 weights could not be loaded; the message says from where and why."""
 
 
 @dataclass
@@ -73,12 +67,7 @@ def load_pipeline(source: str, seed: int = 0, dtype: torch.dtype = torch.float32
     try:
         return AudioLDM2Pipeline.from_pretrained(source, torch_dtype=dtype)
     except (OSError, ValueError) as err:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        hint = " (HF_HUB_OFFLINE is set: the model must already be in the hub cache)" if offline else ""
-        raise BackboneLoadError(
-            f"could not load AudioLDM2 from {source!r}: not a local directory and not loadable from the hub{hint}. "
-            f"Use a hub id such as {DEFAULT_MODEL!r}, a diffusers directory, or {TINY!r}. Cause: {err}"
-        ) from err
+        raise hub_load_error("AudioLDM2", source, f"a hub id such as {DEFAULT_MODEL!r}, a diffusers directory, or {TINY!r}", err) from err
 
 
 def check_pipeline_directory(directory: Path) -> None:
@@ -234,10 +223,7 @@ class AudioLDM2Backbone(nn.Module):
         path passes the text attention mask positionally into Transformer2DModel's self-attention
         ``attention_mask`` slot and fails.
         """
-        for block in [*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks]:
-            if not getattr(block, "_rl_checkpointed", False):
-                block.forward = _checkpointed(block.forward)
-                block._rl_checkpointed = True
+        checkpoint_each([*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks])
         self.gradient_checkpointing = True
 
     def set_timesteps(self, num_steps: int) -> Tensor:
@@ -302,13 +288,3 @@ class AudioLDM2Backbone(nn.Module):
 
     def waveform_to_latents(self, waveforms: Tensor) -> Tensor:
         return self.mel_to_latents(self.waveform_to_mel(waveforms).to(self.vae.device))
-
-
-def _checkpointed(forward: Callable) -> Callable:
-    @functools.wraps(forward)
-    def forward_with_checkpoint(*args, **kwargs):
-        if torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
-        return forward(*args, **kwargs)
-
-    return forward_with_checkpoint
