@@ -1,4 +1,4 @@
-"""A callback for the DDP test: each rank writes its DDPO statistics and a LoRA checksum to a file."""
+"""A callback for the DDP tests (DDPO, MusicRL): each rank writes its per-prompt statistics and a LoRA checksum to a file."""
 
 import json
 import os
@@ -10,7 +10,7 @@ from rlmusic_pl.lora import lora_parameters
 
 
 def lora_sum(module) -> float:
-    return float(sum(p.double().abs().sum() for p in lora_parameters(module.backbone.unet)))
+    return float(sum(p.double().abs().sum() for p in lora_parameters(module.adapted_network)))
 
 
 class RankState(Callback):

@@ -69,7 +69,8 @@ class TokenScores:
     Attributes:
         log_probs: [B, K, F] log-probability of each code.
         distributions: [B, K, F, V] log-probabilities of the whole codebook at each code's position
-            (for an exact KL), or None. Codes cut by top-k have -inf.
+            (for an exact KL), or None. Codes cut by top-k have -inf, unless they were asked for
+            before the cut (``distributions_before_top_k``).
         hidden_states: [B, K, F, D] the decoder's final (layer-normed) hidden state at the position
             that predicts each code, conditional half only (what a value head reads), or None.
     """
@@ -267,11 +268,7 @@ class MusicGenBackbone(nn.Module):
             scores = unconditional + (conditional - unconditional) * guidance_scale
         if temperature != 1.0:
             scores = scores / temperature
-        if top_k and top_k < scores.shape[-1]:
-            # The smallest of the k largest is transformers' threshold; unsorted topk is faster on a CPU.
-            kth = torch.topk(scores, top_k, sorted=False).values.amin(-1, keepdim=True)
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        return scores
+        return cut_to_top_k(scores, top_k)
 
     # ----------------------------------------------------------------------------- sampling
     @torch.no_grad()
@@ -334,11 +331,15 @@ class MusicGenBackbone(nn.Module):
         top_k: int | None = 250,
         return_distributions: bool = False,
         return_hidden_states: bool = False,
+        distributions_before_top_k: bool = False,
     ) -> TokenScores:
         """Teacher-forced log-probabilities of ``codes`` [B, K, F] under the sampling policy, in one decoder pass.
 
         Differentiable (gradients reach a LoRA on the decoder). The arguments mean what they mean
         in ``sample``; with the same ones, the values equal the sampling loop's.
+        ``distributions_before_top_k`` returns the distributions after guidance and temperature but
+        before the top-k cut (two models' top k differ, so a KL between cut distributions can be
+        infinite); ``log_probs`` are those of the cut policy either way.
         """
         self._check_policy(cond, temperature, top_k)
         self.check_codes(codes, batch=len(cond))
@@ -346,15 +347,16 @@ class MusicGenBackbone(nn.Module):
         inputs = delay(codes, self.pad_token)[..., :-1]  # positions 0 .. N-1 predict 1 .. N
         guided = guidance_scale != 1.0
         hidden, _ = self.decoder_forward(torch.cat([inputs, inputs]) if guided else inputs, cond.guided() if guided else cond)
-        scores = self.policy_scores(self.code_logits(hidden, num_frames), guidance_scale, temperature, top_k)  # [B, K, F, V]
-        distributions = torch.log_softmax(scores, dim=-1)
+        uncut = self.policy_scores(self.code_logits(hidden, num_frames), guidance_scale, temperature, None)  # [B, K, F, V]
+        distributions = torch.log_softmax(cut_to_top_k(uncut, top_k), dim=-1)
+        returned = torch.log_softmax(uncut, dim=-1) if distributions_before_top_k and return_distributions else distributions
         hidden_states = None
         if return_hidden_states:
             conditional = hidden[: len(cond)]
             hidden_states = torch.stack([conditional[:, k : k + num_frames] for k in range(self.num_codebooks)], dim=1)
         return TokenScores(
             log_probs=distributions.gather(-1, codes[..., None])[..., 0],
-            distributions=distributions if return_distributions else None,
+            distributions=returned if return_distributions else None,
             hidden_states=hidden_states,
         )
 
@@ -406,6 +408,15 @@ class MusicGenBackbone(nn.Module):
         if codes.shape[2] != self.num_codebooks:
             raise BackboneLoadError(f"EnCodec gives {codes.shape[2]} codebooks at its default bandwidth, the decoder reads {self.num_codebooks}")
         return codes[0]
+
+
+def cut_to_top_k(scores: Tensor, top_k: int | None) -> Tensor:
+    """``scores`` [..., V] with -inf outside the k largest of each row (None or 0: unchanged)."""
+    if not top_k or top_k >= scores.shape[-1]:
+        return scores
+    # The smallest of the k largest is transformers' threshold; unsorted topk is faster on a CPU.
+    kth = torch.topk(scores, top_k, sorted=False).values.amin(-1, keepdim=True)
+    return scores.masked_fill(scores < kth, float("-inf"))
 
 
 def delay_pattern(num_codebooks: int, num_frames: int, device: torch.device | None = None) -> Tensor:

@@ -1,4 +1,4 @@
-"""Reward normalisation for policy gradients: per-prompt running statistics, groups, whole batch."""
+"""Advantages for policy gradients: per-prompt running statistics, groups (normalised or leave-one-out), whole batch."""
 
 from __future__ import annotations
 
@@ -53,10 +53,23 @@ class PerPromptStatTracker:
 
 def group_advantages(rewards: Tensor, group_size: int) -> Tensor:
     """Normalise each consecutive group of ``group_size`` samples (one prompt, k noises) by its own mean/std."""
+    groups = _groups(rewards, group_size)
+    return ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, unbiased=False, keepdim=True) + EPS)).flatten()
+
+
+def leave_one_out_advantages(rewards: Tensor, group_size: int) -> Tensor:
+    """RLOO: each reward minus the mean of the other ``group_size - 1`` rewards of its group (unbiased, not rescaled)."""
+    if group_size < 2:
+        raise ValueError(f"leave-one-out baselines need groups of at least 2 samples, got {group_size}")
+    groups = _groups(rewards, group_size)
+    others = (groups.sum(1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - others).flatten()
+
+
+def _groups(rewards: Tensor, group_size: int) -> Tensor:
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
-    groups = rewards.float().view(-1, group_size)
-    return ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, unbiased=False, keepdim=True) + EPS)).flatten()
+    return rewards.float().view(-1, group_size)
 
 
 def batch_advantages(rewards: Tensor) -> Tensor:

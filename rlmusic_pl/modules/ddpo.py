@@ -15,21 +15,19 @@ clipping are this module's arguments, not the Trainer's.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from rlmusic_pl.backbone.conditioning import PromptConditioning
 from rlmusic_pl.callbacks.samples import SampleBatch
 from rlmusic_pl.lora import lora_parameters
-from rlmusic_pl.modules.advantages import PerPromptStatTracker, batch_advantages, group_advantages
 from rlmusic_pl.modules.base import AudioLDM2Module, CheckpointError, check_positive
 from rlmusic_pl.modules.ppo import clipped_surrogate
-from rlmusic_pl.rewards.base import Reward, RewardResult, as_reward, as_rewards, check_rewards_for_prompts
+from rlmusic_pl.modules.reward_rl import RewardRL
+from rlmusic_pl.rewards.base import Reward, RewardResult
 
 
 @dataclass
@@ -47,7 +45,7 @@ class Rollouts:
     advantages: Tensor | None = None  # [B]
 
 
-class DDPOModule(AudioLDM2Module):
+class DDPOModule(RewardRL, AudioLDM2Module):
     """DDPO fine-tuning of a LoRA on the AudioLDM2 UNet.
 
     Args:
@@ -121,16 +119,11 @@ class DDPOModule(AudioLDM2Module):
         if advantage == "group" and samples_per_prompt < 2:
             raise ValueError("advantage='group' needs samples_per_prompt >= 2")
         self.automatic_optimization = False
-        self.reward = as_reward(reward, "DDPOModule reward")
-        self.monitor_rewards = torch.nn.ModuleList(as_rewards(monitor_rewards, "DDPOModule monitor_rewards"))
-        self.stat_tracker = PerPromptStatTracker(stat_buffer_size, stat_min_count)
-        self.epochs_sampled = 0
+        self.init_rewards(reward, monitor_rewards, "DDPOModule", stat_buffer_size, stat_min_count)
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        # Before the backbone loads: every prompt the rewards will score has the attributes they read.
-        splits = {"fit": ["train", "val"] if self.trainer.limit_val_batches else ["train"], "validate": ["val"], "test": ["test"]}
-        check_rewards_for_prompts([self.reward, *self.monitor_rewards], self.trainer.datamodule, splits.get(stage, []))
+        self.check_rewards_at_setup(stage)
 
     def frozen_modules(self) -> list[torch.nn.Module]:
         return super().frozen_modules() + [self.reward, self.monitor_rewards]
@@ -142,11 +135,11 @@ class DDPOModule(AudioLDM2Module):
 
     # --------------------------------------------------------------------------- the DDPO epoch
     def training_step(self, batch: dict, batch_idx: int) -> dict:
-        rollouts = self.sample_rollouts(batch, self._generator("sample"))
+        rollouts = self.sample_rollouts(batch, self.seeded_generator("sample"))
         rollouts.advantages = self.compute_advantages(rollouts)
         metrics = self.train_on_rollouts(rollouts)
         self.epochs_sampled += 1
-        self._log_rewards("train", rollouts)
+        self.log_rewards("train", rollouts.rewards)
         for name, value in metrics.items():
             self.log(f"train/{name}", value, on_step=True, on_epoch=False, prog_bar=name == "loss")
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
@@ -179,34 +172,17 @@ class DDPOModule(AudioLDM2Module):
             rewards=self.score(waveforms, prompts, attributes),
         )
 
-    def score(self, waveforms: Tensor, prompts: list[str], attributes: list[dict[str, str]]) -> RewardResult:
-        """The reward, with monitor rewards' components added under ``monitor/<name>``."""
-        result = self.reward.evaluate(waveforms, self.backbone.sample_rate, prompts, attributes)
-        components = {"total": result.total, **{k: v for k, v in result.components.items() if k != "total"}}
-        for monitor in self.monitor_rewards:
-            monitored = monitor.evaluate(waveforms, self.backbone.sample_rate, prompts, attributes)
-            components.update({f"monitor/{k}": v for k, v in monitored.components.items()})
-        return RewardResult(total=result.total, components=components)
-
     def compute_advantages(self, rollouts: Rollouts) -> Tensor:
         """Advantages of this rank's samples, from statistics over every rank's prompts and rewards."""
         hp = self.hparams
-        prompts, rewards = self._gather(rollouts.prompts, rollouts.rewards.total)
-        if hp.advantage == "per_prompt":
-            advantages = self.stat_tracker.update(prompts, rewards)
-        elif hp.advantage == "group":
-            advantages = group_advantages(rewards, hp.samples_per_prompt)
-        else:
-            advantages = batch_advantages(rewards)
-        mine = len(rollouts.prompts)
-        rank = self.trainer.global_rank if self._trainer is not None else 0
-        return advantages[rank * mine : (rank + 1) * mine].clamp(-hp.adv_clip_max, hp.adv_clip_max).to(self.device)
+        advantages = self.advantages_from_rewards(rollouts.prompts, rollouts.rewards.total, hp.advantage, hp.samples_per_prompt)
+        return advantages.clamp(-hp.adv_clip_max, hp.adv_clip_max)
 
     def train_on_rollouts(self, rollouts: Rollouts) -> dict[str, Tensor]:
         """``inner_epochs`` passes of the clipped surrogate over shuffled samples and timesteps."""
         hp = self.hparams
         optimizer = self.optimizers()
-        generator = self._generator("train")
+        generator = self.seeded_generator("train")
         batch, steps = rollouts.log_probs.shape
         trained_steps = max(1, int(steps * hp.timestep_fraction))
         scale = 1.0 / (hp.gradient_accumulation * trained_steps)
@@ -218,7 +194,7 @@ class DDPOModule(AudioLDM2Module):
             step_order = torch.stack([torch.randperm(steps, generator=generator) for _ in range(batch)]).to(self.device)
             for start in range(0, batch, hp.train_batch_size):
                 rows = order[start : start + hp.train_batch_size]
-                with self._no_gradient_sync():
+                with self.no_gradient_sync():
                     for j in range(trained_steps):
                         terms = self.step_loss(rollouts, rows, step_order[rows, j])
                         self.manual_backward(terms.loss * scale)
@@ -252,17 +228,6 @@ class DDPOModule(AudioLDM2Module):
         _, log_prob = self.backbone.ddim_step(eps, timesteps, latents, hp.eta, prev_latents=next_latents)
         return log_prob
 
-    def on_before_optimizer_step(self, optimizer) -> None:
-        # Gradients arrive here unscaled (under 16-mixed); backward passes ran without DDP's sync.
-        params = lora_parameters(self.backbone.unet)
-        if self.trainer.world_size > 1:
-            for param in params:
-                if param.grad is not None:
-                    dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
-                    param.grad /= self.trainer.world_size
-        if self.hparams.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, self.hparams.max_grad_norm)
-
     # --------------------------------------------------------------------------- evaluation
     def validation_step(self, batch: dict, batch_idx: int) -> dict:
         return self._evaluate("val", batch, batch_idx)
@@ -271,44 +236,13 @@ class DDPOModule(AudioLDM2Module):
         return self._evaluate("test", batch, batch_idx)
 
     def _evaluate(self, stage: str, batch: dict, batch_idx: int) -> dict:
-        # Fixed noise per batch: validation curves compare the same draws across epochs.
-        generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed + 7919 * batch_idx + self.global_rank)
-        rollouts = self.sample_rollouts(batch, generator)
-        self._log_rewards(stage, rollouts)
+        rollouts = self.sample_rollouts(batch, self.evaluation_generator(batch_idx))
+        self.log_rewards(stage, rollouts.rewards)
         return {"samples": self._sample_batch(rollouts)}
 
     # --------------------------------------------------------------------------- helpers
-    def _log_rewards(self, stage: str, rollouts: Rollouts) -> None:
-        for name, values in rollouts.rewards.components.items():
-            on_step = stage == "train"
-            self.log(f"{stage}/reward/{name}", values.mean(), on_step=on_step, on_epoch=not on_step, sync_dist=not on_step,
-                     batch_size=values.numel(), prog_bar=name == "total")
-
     def _sample_batch(self, rollouts: Rollouts) -> SampleBatch:
-        return SampleBatch(
-            waveforms=rollouts.waveforms.detach().cpu(),
-            sample_rate=self.backbone.sample_rate,
-            prompts=rollouts.prompts,
-            attributes=rollouts.attributes,
-            rewards={k: v.detach().cpu() for k, v in rollouts.rewards.components.items()},
-        )
-
-    def _generator(self, purpose: str) -> torch.Generator:
-        """A generator determined by (seed, epochs sampled, rank, purpose), so resuming repeats the draws."""
-        offset = {"sample": 0, "train": 1}[purpose]
-        seed = self.hparams.seed + 1_000_003 * self.epochs_sampled + 7_919 * self.global_rank + 104_729 * offset
-        return torch.Generator(device=self.device if purpose == "sample" else "cpu").manual_seed(seed)
-
-    def _gather(self, prompts: list[str], rewards: Tensor) -> tuple[list[str], Tensor]:
-        if self._trainer is None or self.trainer.world_size == 1:
-            return prompts, rewards
-        gathered: list[list[str] | None] = [None] * self.trainer.world_size
-        dist.all_gather_object(gathered, prompts)
-        return [p for rank in gathered for p in rank], self.all_gather(rewards).reshape(-1)
-
-    def _no_gradient_sync(self):
-        block = getattr(self.trainer.strategy, "block_backward_sync", None)
-        return block() if block is not None else contextlib.nullcontext()
+        return self.sample_batch(rollouts.waveforms, rollouts.prompts, rollouts.attributes, rollouts.rewards)
 
     # --------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

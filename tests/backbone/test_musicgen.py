@@ -136,6 +136,15 @@ def test_full_distributions_are_the_top_k_cut_policy(backbone, cond):
     assert scored.hidden_states is None and backbone.log_probs(drawn.codes, cond, **POLICY).distributions is None
 
 
+def test_distributions_before_top_k_are_the_uncut_guided_distribution_and_log_probs_stay_cut(backbone, cond):
+    drawn = sample(backbone, cond, seed=6)
+    uncut = backbone.log_probs(drawn.codes, cond, return_distributions=True, distributions_before_top_k=True, **POLICY)
+    without_top_k = backbone.log_probs(drawn.codes, cond, return_distributions=True, **{**POLICY, "top_k": None})
+    assert torch.isfinite(uncut.distributions).all()
+    torch.testing.assert_close(uncut.distributions, without_top_k.distributions, rtol=0, atol=1e-6)
+    assert torch.equal(uncut.log_probs, backbone.log_probs(drawn.codes, cond, **POLICY).log_probs)
+
+
 def test_hidden_states_are_the_conditional_final_states_that_predict_each_code(backbone, cond):
     drawn = sample(backbone, cond, seed=7)
     scored = backbone.log_probs(drawn.codes, cond, return_hidden_states=True, **POLICY)
