@@ -233,23 +233,9 @@ def test_ddp_on_two_cpu_processes_keeps_ranks_in_agreement(tmp_path):
 
 @pytest.mark.slow
 def test_two_ranks_with_half_the_samples_each_make_the_update_of_one_process_with_all(tmp_path):
-    import ddpo_fixed_update
+    from fixed_update import check_two_ranks_make_the_update_of_one_process
 
-    single = torch.load(ddpo_fixed_update.run(1, tmp_path / "single") / "rank0.pt")
-    command = [sys.executable, str(ROOT / "tests" / "ddpo_fixed_update.py"), "2", str(tmp_path / "ddp")]
-    result = subprocess.run(command, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in (0, 1)]
-
-    def update(state) -> torch.Tensor:
-        return torch.cat([(state["after"][k] - state["before"][k]).flatten() for k in sorted(state["before"])])
-
-    expected = update(single)
-    assert expected.abs().max() > 0
-    for rank in ranks:
-        torch.testing.assert_close(rank["before"], single["before"], rtol=0, atol=0)
-        torch.testing.assert_close(update(rank), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    check_two_ranks_make_the_update_of_one_process("ddpo", tmp_path, {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
 
 
 def test_mixed_precision_keeps_lora_weights_in_float32(tmp_path):

@@ -369,3 +369,10 @@ def test_ddp_on_two_cpu_processes_keeps_ranks_in_agreement(tmp_path):
     assert sum(len(v) for v in states[0]["stat_tracker"]["buffers"].values()) == 2 * 1 * 2 * 2  # ranks x prompts x samples x epochs
     assert states[0]["lora_sum"] == pytest.approx(states[1]["lora_sum"], rel=1e-6)  # synchronised gradients
     assert states[0]["lora_sum"] != pytest.approx(states[0]["lora_sum_at_start"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_two_ranks_with_half_the_samples_each_make_the_update_of_one_process_with_all(tmp_path):
+    from fixed_update import check_two_ranks_make_the_update_of_one_process
+
+    check_two_ranks_make_the_update_of_one_process("musicrl", tmp_path, {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
