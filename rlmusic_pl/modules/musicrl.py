@@ -285,7 +285,7 @@ class MusicRLModule(RewardRL, MusicGenModule):
         returns = rollouts.advantages[rows][:, None, None].expand_as(scores.log_probs)
         values = None
         if hp.baseline == "value":
-            values = self.value_head(scores.hidden_states.detach().float())[..., 0]
+            values = self.value_head(scores.hidden_states.detach().float())[..., 0].float()  # autocast runs the head in half precision
             advantages = returns - values.detach()
             value_loss = ((values - returns) ** 2).mean()
         else:

@@ -324,6 +324,14 @@ def test_the_value_head_is_checkpointed_and_required(tmp_path):
         trainer(tmp_path, 2).fit(MusicRLModule(SpectralCentroidReward(), **TINY), data(), ckpt_path=path)
 
 
+def test_mixed_precision_keeps_the_lora_and_value_head_in_float32(tmp_path):
+    module = MusicRLModule(SpectralCentroidReward(), **TINY)
+    run = trainer(tmp_path, 1, precision="bf16-mixed", enable_checkpointing=False)
+    run.fit(module, data())
+    assert all(p.dtype == torch.float32 for p in [*lora_parameters(module.backbone.decoder), *module.value_head.parameters()])
+    assert torch.isfinite(run.callback_metrics["train/loss"]) and torch.isfinite(run.callback_metrics["train/kl"])
+
+
 def test_every_argument_is_documented_in_the_help(capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["rlmusic_pl"])
     with pytest.raises(SystemExit):
