@@ -1,10 +1,11 @@
 """LightningModules: DDPO, Stage-1 slider, Stage-2 PPO scale layers and strength sweeps; the MusicGen base."""
 
+from rlmusic_pl.gain_schedule import GainSchedule, load_gain_schedule
 from rlmusic_pl.modules.backbone_module import BackboneModule
 from rlmusic_pl.modules.base import AudioLDM2Module, CheckpointError
 from rlmusic_pl.modules.ddpo import DDPOModule
 from rlmusic_pl.modules.musicgen import MusicGenModule
-from rlmusic_pl.modules.scale_ppo import GainSchedule, ScalePPOModule, load_gain_schedule
+from rlmusic_pl.modules.scale_ppo import ScalePPOModule
 from rlmusic_pl.modules.slider import AttributeProbe, SliderModule, generate_at_strengths
 from rlmusic_pl.modules.sweep import SweepError, SweepModule
 

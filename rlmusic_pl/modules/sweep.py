@@ -32,7 +32,7 @@ from rlmusic_pl.errors import RLMusicError
 from rlmusic_pl.evaluation import MusicEvaluator
 from rlmusic_pl.lora import LORA_WEIGHTS, SCALE_WEIGHTS, LoRAError, load_lora, read_adapter_info, read_lora_state_dict
 from rlmusic_pl.modules.base import AudioLDM2Module, check_positive
-from rlmusic_pl.modules.scale_ppo import load_gain_schedule
+from rlmusic_pl.gain_schedule import load_gain_schedule
 from rlmusic_pl.modules.slider import generate_at_strengths
 from rlmusic_pl.rewards.base import Reward, as_rewards, check_rewards_for_prompts
 from rlmusic_pl.rewards.stability import mel_ssim
