@@ -32,7 +32,7 @@ from rlmusic_pl.data.audio import check_writable
 from rlmusic_pl.lora import copy_adapter
 from rlmusic_pl.modules.backbone_module import check_positive
 from rlmusic_pl.modules.musicgen import MusicGenModule
-from rlmusic_pl.modules.sweep import StrengthSweep, SweepError, check_seeds, check_strengths
+from rlmusic_pl.modules.sweep import SweepPredictor, SweepError, check_seeds, check_strengths
 from rlmusic_pl.rewards.base import Reward, as_rewards
 from rlmusic_pl.steering.activations import POOLINGS, collect_activations, decoder_layers
 from rlmusic_pl.steering.directions import INFO_FILE, METHODS, TARGETS, TENSORS_FILE, ConceptDirections, learn_directions
@@ -45,7 +45,7 @@ STEER_ATTRIBUTE = "steer_concept"
 LEARN_FIRST = "python -m rlmusic_pl fit --config configs/tiny/rfm_note.yaml"
 
 
-class SteeringModule(StrengthSweep, MusicGenModule):
+class SteeringModule(SweepPredictor, MusicGenModule):
     """Concept directions of a frozen MusicGen's decoder layers (``fit``) and steered generation sweeps (``predict``).
 
     Args:

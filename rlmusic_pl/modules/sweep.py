@@ -93,7 +93,7 @@ def resolve_adapter(adapter: str | Path) -> Path:
     return path
 
 
-class StrengthSweep:
+class SweepPredictor:
     """What every sweep module shares: ``predict`` over prompt x seed x strength, resumable, scored, for ``SweepWriter``.
 
     A module mixes it in before its backbone class and provides ``strengths``, ``seeds``, ``metrics``
@@ -181,7 +181,7 @@ class StrengthSweep:
         return [replace(clip, metrics={name: float(values[i]) for name, values in columns.items()}) for i, clip in enumerate(clips)]
 
 
-class SweepModule(StrengthSweep, AudioLDM2Module):
+class SweepModule(SweepPredictor, AudioLDM2Module):
     """Attribute-strength sweeps and evaluation of a trained adapter on AudioLDM2.
 
     ``predict``: for each prompt x strength x seed one clip, generated from the same noise for every
