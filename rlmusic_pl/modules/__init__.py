@@ -1,4 +1,4 @@
-"""LightningModules: DDPO, Stage-1 slider, Stage-2 PPO scale layers and strength sweeps; the MusicGen base."""
+"""LightningModules: DDPO, Stage-1 slider, Stage-2 PPO scale layers and strength sweeps; the MusicGen base and MusicRFM steering."""
 
 from rlmusic_pl.gain_schedule import GainSchedule, load_gain_schedule
 from rlmusic_pl.modules.backbone_module import BackboneModule
@@ -7,6 +7,7 @@ from rlmusic_pl.modules.ddpo import DDPOModule
 from rlmusic_pl.modules.musicgen import MusicGenModule
 from rlmusic_pl.modules.scale_ppo import ScalePPOModule
 from rlmusic_pl.modules.slider import AttributeProbe, SliderModule, generate_at_strengths
+from rlmusic_pl.modules.steering import SteeringModule
 from rlmusic_pl.modules.sweep import SweepError, SweepModule
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "MusicGenModule",
     "ScalePPOModule",
     "SliderModule",
+    "SteeringModule",
     "SweepError",
     "SweepModule",
     "generate_at_strengths",

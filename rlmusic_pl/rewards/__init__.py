@@ -13,6 +13,7 @@ from rlmusic_pl.rewards.stability import (
     SweepReward,
     WeightedSweepReward,
 )
+from rlmusic_pl.rewards.tempo import TempoReward
 
 __all__ = [
     "BandEnergyReward",
@@ -26,6 +27,7 @@ __all__ = [
     "RewardResult",
     "SpectralCentroidReward",
     "SpectralFluxReward",
+    "TempoReward",
     "WeightedReward",
     "AttributeMonotonicityReward",
     "SpectralStabilityReward",
