@@ -12,7 +12,7 @@ The random tiny preset decodes every code sequence to nearly the same audio, so 
 it; use a trained tiny MusicGen (``benchmarks/train_tiny_musicgen.py``), whose prompts name a pitch
 class and a timbre ("a bright C note"):
 
-    python benchmarks/musicrl_learning.py --backbone runs/tiny-musicgen-trained --reward centroid --kl-coefs 0 0.05 0.3
+    python benchmarks/musicrl_learning.py --backbone runs/tiny-musicgen-trained --reward pitch --kl-coefs 0 0.05 0.3
 """
 
 from __future__ import annotations
@@ -25,29 +25,24 @@ import torch
 from lightning import Callback, Trainer
 
 from rlmusic_pl.data import PromptAttributeDataModule
+from rlmusic_pl.data.synthetic import ROLLOFF, NoteLabel
 from rlmusic_pl.modules import MusicRLModule
 from rlmusic_pl.modules.musicrl import exact_kl
-from rlmusic_pl.rewards import SpectralCentroidReward, WeightedReward
-
-
-def pitch_class_reward():
-    from rlmusic_pl.rewards.pitch import PitchClassReward  # the synthetic-notes reward (issue 11's trained tiny MusicGen)
-
-    return PitchClassReward()
-
+from rlmusic_pl.rewards import PitchClassReward, SpectralCentroidReward, WeightedReward
 
 REWARDS = {
+    "pitch": PitchClassReward,  # the share of the clip's chroma in the prompt's pitch class
     "centroid": SpectralCentroidReward,
     "dull": lambda: WeightedReward({"centroid": SpectralCentroidReward()}, {"centroid": -1.0}, name="dull"),
-    "pitch": pitch_class_reward,
 }
-TRAIN_CLASSES = ["C", "D", "E", "F#", "G#", "A#"]
-HELD_OUT_CLASSES = ["C#", "D#", "F", "G", "A", "B"]
+TRAIN_CLASSES = [0, 2, 4, 6, 8, 10]  # C D E F# G# A#
+HELD_OUT_CLASSES = [1, 3, 5, 7, 9, 11]  # C# D# F G A B
 
 
-def prompts_of(classes: list[str]) -> list[dict]:
-    return [{"prompt": f"a {timbre} {pc} note", "attributes": {"pitch_class": pc, "timbre": timbre}}
-            for pc in classes for timbre in ("bright", "dull")]
+def prompts_of(classes: list[int]) -> list[dict]:
+    """The synthetic notes' prompts ("a bright C note") and attributes, both brightnesses of each pitch class."""
+    labels = [NoteLabel(pc, brightness=brightness) for pc in classes for brightness in sorted(ROLLOFF)]
+    return [{"prompt": label.prompt(), "attributes": label.attributes()} for label in labels]
 
 
 class History(Callback):
@@ -100,7 +95,7 @@ def run(kl_coef: float, args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="tiny", help="'tiny' (random weights) or a MusicGen directory, e.g. from benchmarks/train_tiny_musicgen.py")
-    parser.add_argument("--reward", choices=sorted(REWARDS), default="centroid", help="the cheap deterministic reward to optimise")
+    parser.add_argument("--reward", choices=sorted(REWARDS), default="pitch", help="the cheap deterministic reward to optimise")
     parser.add_argument("--kl-coefs", type=float, nargs="+", default=[0.0, 0.05, 0.3], help="alpha values to compare, each from the same fresh LoRA")
     parser.add_argument("--epochs", type=int, default=30, help="MusicRL epochs (optimizer steps: one minibatch of all of an epoch's samples)")
     parser.add_argument("--prompts-per-epoch", type=int, default=4, help="training prompts per epoch")
@@ -121,7 +116,8 @@ def main() -> None:
     results = {alpha: run(alpha, args) for alpha in args.kl_coefs}
     print(f"backbone={args.backbone} reward={args.reward} baseline={args.baseline} epochs={args.epochs} lr={args.lr} seed={args.seed} "
           f"prompts/epoch={args.prompts_per_epoch} samples/prompt={args.samples_per_prompt} guidance={args.guidance} top_k={args.top_k}")
-    print(f"held-out: prompts of pitch classes {' '.join(HELD_OUT_CLASSES)} (bright, dull) x {args.held_out_samples} samples, noise seed {10_000 + args.seed}")
+    held_out_names = " ".join(NoteLabel(pc).name for pc in HELD_OUT_CLASSES)
+    print(f"held-out: prompts of pitch classes {held_out_names} (bright, dull) x {args.held_out_samples} samples, noise seed {10_000 + args.seed}")
     print("| alpha | held-out reward before | after | change (held-out std) | held-out KL before | after |")
     print("|---:|---:|---:|---:|---:|---:|")
     for alpha, r in results.items():

@@ -27,8 +27,8 @@ import torch
 
 from rlmusic_pl.backbone.audioldm2 import AudioLDM2Backbone
 from rlmusic_pl.lora import load_lora, read_adapter_info
-from rlmusic_pl.modules.scale_ppo import attribute_probe_from, load_gain_schedule
-from rlmusic_pl.modules.slider import generate_at_strengths
+from rlmusic_pl.gain_schedule import load_gain_schedule
+from rlmusic_pl.modules.slider import attribute_probe_from, generate_at_strengths
 from rlmusic_pl.rewards.stability import SpectralStabilityReward, StrengthSweep, linearity
 
 HELD_OUT_PROMPTS = ["A violin sonata", "Electronic dance music with a heavy beat", "A calm acoustic guitar", "A brass band march"]

@@ -5,7 +5,8 @@ e.g. ``model: {class_path: rlmusic_pl.modules.DDPOModule, init_args: {...}}``.
 
 Data commands run before the LightningCLI (``--help`` on each describes it):
 ``python -m rlmusic_pl prepare SOURCE OUT`` (audio folder -> log-mel features + manifest) and
-``python -m rlmusic_pl synthesize OUT`` (synthetic bright/dull contrasting sets).
+``python -m rlmusic_pl synthesize OUT`` (synthetic bright/dull contrasting sets) and
+``python -m rlmusic_pl make-preferences OUT`` (a synthetic preference set labelled by a judge reward).
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
 import rlmusic_pl
+from rlmusic_pl import preference_sets
 from rlmusic_pl.data import prepare, synthetic
 from rlmusic_pl.errors import RLMusicError
 from rlmusic_pl.modules.base import check_checkpoint_class
 
-DATA_COMMANDS = {"prepare": prepare.main, "synthesize": synthetic.main}
+DATA_COMMANDS = {"prepare": prepare.main, "synthesize": synthetic.main, "make-preferences": preference_sets.main}
 PACKAGE_DIR = Path(rlmusic_pl.__file__).resolve().parent
 # What loggers and LightningCLI write into a run directory before the first step.
 SETUP_FILES = ("config.yaml", "hparams.yaml", "metrics.csv", "events.out.tfevents.")
@@ -37,7 +39,8 @@ DESCRIPTION = (
     "rlmusic_pl: DDPO, concept-slider (Stage 1) and PPO scale-layer (Stage 2) training of AudioLDM2, and "
     "attribute-strength sweeps (predict). Give a config: python -m rlmusic_pl fit --config configs/tiny/ddpo_clap.yaml. "
     "Data commands: python -m rlmusic_pl prepare --help (audio folder -> log-mel features), "
-    "python -m rlmusic_pl synthesize --help (synthetic contrasting sets)."
+    "python -m rlmusic_pl synthesize --help (synthetic contrasting sets), "
+    "python -m rlmusic_pl make-preferences --help (a synthetic preference set labelled by a judge reward)."
 )
 
 

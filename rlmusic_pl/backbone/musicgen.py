@@ -280,7 +280,7 @@ class MusicGenBackbone(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = 250,
         greedy: bool = False,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         use_cache: bool = True,
         progress: bool = False,
     ) -> MusicGenSample:
@@ -293,7 +293,8 @@ class MusicGenBackbone(nn.Module):
             temperature: softmax temperature (> 0).
             top_k: keep the k most likely codes (None or 0: all).
             greedy: take the most likely code instead of sampling.
-            generator: random generator of the draws (None: the global one, as ``generate`` uses).
+            generator: random generator of the draws (None: the global one, as ``generate`` uses), or one
+                generator per sample, so that a sample's codes do not depend on the other samples of the batch.
             use_cache: reuse keys and values of earlier steps (False recomputes the whole prefix each step).
             progress: show a progress bar over the decoding steps.
         """
@@ -301,6 +302,8 @@ class MusicGenBackbone(nn.Module):
         if not isinstance(num_frames, int) or num_frames < 1:
             raise ValueError(f"num_frames must be an integer >= 1, got {num_frames!r}")
         batch, codebooks = len(cond), self.num_codebooks
+        if isinstance(generator, (list, tuple)) and len(generator) != batch:
+            raise ValueError(f"{len(generator)} generators for {batch} samples: give one per sample, or one for the batch")
         steps = num_frames + codebooks - 1
         guided = guidance_scale != 1.0
         decoder_cond = cond.guided() if guided else cond
@@ -314,6 +317,9 @@ class MusicGenBackbone(nn.Module):
             scores = self.policy_scores(self.next_code_logits(hidden), guidance_scale, temperature, top_k)  # [B, K, V]
             if greedy:
                 drawn = scores.argmax(-1)
+            elif isinstance(generator, (list, tuple)):  # each sample's draws from its own generator
+                probs = torch.softmax(scores, dim=-1)
+                drawn = torch.stack([torch.multinomial(probs[i], 1, generator=g)[:, 0] for i, g in enumerate(generator)])
             else:
                 probs = torch.softmax(scores, dim=-1).view(batch * codebooks, -1)
                 drawn = torch.multinomial(probs, 1, generator=generator).view(batch, codebooks)

@@ -5,7 +5,9 @@ in memory), of prepared features (``python -m rlmusic_pl prepare``: a ``manifest
 ``features/*.npy``), or of ``.npy`` / ``.pt`` log-mel arrays [frames, 64]. Every example is cut into
 non-overlapping segments of ``segment_s`` seconds (a shorter example gives one segment padded with
 the silence floor), and positive and negative segments are paired by a seeded permutation of each
-set, cycling the smaller one: the same seed always gives the same pairs.
+set, cycling the smaller one: the same seed always gives the same pairs. With ``paired=True`` the
+sets are matched examples instead (example i of one side is example i of the other, differing only in
+the attribute, as Concept Sliders' image pairs): segment i goes with segment i, in one shared order.
 
 ``PromptAttributeDataModule(contrast=ContrastSets(...))`` adds a pair to every training item.
 """
@@ -95,14 +97,21 @@ class ContrastPairs(Dataset):
     """(positive segment, negative segment) pairs, each a log-mel [segment_frames, 64].
 
     There are as many pairs as segments in the larger set; each set is visited in its own seeded
-    order, the smaller one cyclically.
+    order, the smaller one cyclically. ``paired``: the sets hold matched examples, so segment i of
+    one side goes with segment i of the other (one seeded order for both; the sets must have the
+    same segments).
     """
 
-    def __init__(self, positive: MelSet, negative: MelSet, seed: int = 0) -> None:
+    def __init__(self, positive: MelSet, negative: MelSet, seed: int = 0, paired: bool = False) -> None:
         self.positive, self.negative = positive, negative
         generator = torch.Generator().manual_seed(seed)
         self.positive_order = torch.randperm(len(positive.segments), generator=generator).tolist()
         self.negative_order = torch.randperm(len(negative.segments), generator=generator).tolist()
+        if paired:
+            if positive.segments != negative.segments:
+                raise DataFolderError(f"paired contrast sets {positive.folder} and {negative.folder} must hold matching examples "
+                                      f"(as many, of the same lengths): got {len(positive.segments)} and {len(negative.segments)} segments")
+            self.negative_order = self.positive_order
 
     def __len__(self) -> int:
         return max(len(self.positive_order), len(self.negative_order))
@@ -125,6 +134,8 @@ class ContrastSets:
         negative_value: label of the negative side, e.g. ``gentle``.
         segment_s: seconds per training segment (AudioLDM log-mels have 100 frames per second).
         seed: seed of the pairing of positive and negative segments.
+        paired: the two folders hold matched examples (the n-th file of each, in name order, is the
+            same music with and without the attribute): pair them one to one instead of at random.
     """
 
     def __init__(
@@ -136,6 +147,7 @@ class ContrastSets:
         negative_value: str = "without",
         segment_s: float = 2.0,
         seed: int = 0,
+        paired: bool = False,
     ) -> None:
         if segment_s <= 0:
             raise ValueError(f"segment_s must be > 0, got {segment_s}")
@@ -143,6 +155,7 @@ class ContrastSets:
         self.attribute, self.positive_value, self.negative_value = attribute, positive_value, negative_value
         self.segment_s = segment_s
         self.seed = seed
+        self.paired = paired
         self._pairs: ContrastPairs | None = None
 
     @property
@@ -158,7 +171,7 @@ class ContrastSets:
         if self._pairs is None:
             positive = load_mel_set(self.positive, self.segment_frames)
             negative = load_mel_set(self.negative, self.segment_frames)
-            self._pairs = ContrastPairs(positive, negative, self.seed)
+            self._pairs = ContrastPairs(positive, negative, self.seed, self.paired)
             log.info("contrast sets: %d positive and %d negative segments of %g s", len(positive.segments), len(negative.segments), self.segment_s)
         return self._pairs
 
@@ -173,12 +186,14 @@ class SyntheticContrastSets(ContrastSets):
         duration_s: seconds per clip.
         segment_s: seconds per training segment.
         seed: seed of the clips and of the pairing.
+        paired: pair each bright clip's segments with the dull clip of the same notes (the sets are
+            written matched), instead of with random dull segments.
     """
 
     def __init__(self, directory: str = "runs/synthetic/brightness", count: int = 8, duration_s: float = 2.0,
-                 segment_s: float = 1.0, seed: int = 0) -> None:
+                 segment_s: float = 1.0, seed: int = 0, paired: bool = False) -> None:
         super().__init__(str(Path(directory) / POSITIVE), str(Path(directory) / NEGATIVE), attribute="brightness",
-                         positive_value=POSITIVE, negative_value=NEGATIVE, segment_s=segment_s, seed=seed)
+                         positive_value=POSITIVE, negative_value=NEGATIVE, segment_s=segment_s, seed=seed, paired=paired)
         self.directory, self.count, self.duration_s = directory, count, duration_s
 
     def pairs(self) -> ContrastPairs:

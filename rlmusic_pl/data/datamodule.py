@@ -10,6 +10,7 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from rlmusic_pl.data.contrast import ContrastDataset, ContrastSets
+from rlmusic_pl.data.preferences import PreferenceDataset, PreferencePairs
 from rlmusic_pl.data.prompts import PromptError, PromptItem, expand_template, load_prompt_file, parse_entry
 
 SPLITS = ("train", "val", "test", "predict")
@@ -75,6 +76,10 @@ class PromptAttributeDataModule(LightningDataModule):
             ``SyntheticContrastSets``). Each training item then also holds ``positive_mel`` and
             ``negative_mel`` (log-mel segments [frames, 64]) and ``contrast`` (the attribute and its
             sides' labels); an epoch covers every prompt and every pair (see ``ContrastDataset``).
+        preferences: Pairwise preferences (``PreferencePairs``: a JSONL/CSV of prompt, chosen and
+            rejected clips). The items are then the pairs instead of prompts (give no other prompt
+            source), split into train/val/test by the fractions; each also holds ``chosen_audio`` and
+            ``rejected_audio`` (waveforms [samples]), ``tie`` and the clips' paths (see ``PreferenceDataset``).
     """
 
     def __init__(
@@ -91,6 +96,7 @@ class PromptAttributeDataModule(LightningDataModule):
         num_workers: int = 0,
         repeats: int = 1,
         contrast: ContrastSets | None = None,
+        preferences: PreferencePairs | None = None,
     ) -> None:
         super().__init__()
         for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
@@ -101,8 +107,9 @@ class PromptAttributeDataModule(LightningDataModule):
                 raise PromptError(f"{name} must be at least 1, got {count}")
         if template_values and template is None:
             raise PromptError("template_values given without a template")
-        self.save_hyperparameters(ignore=["contrast"])
+        self.save_hyperparameters(ignore=["contrast", "preferences"])
         self.contrast = contrast
+        self.preferences = preferences
         self.items: list[PromptItem] | None = None
         self.splits: dict[str, list[PromptItem]] | None = None
 
@@ -131,15 +138,16 @@ class PromptAttributeDataModule(LightningDataModule):
         if hp.prompt_file is not None:
             sources.append(f"prompt_file {hp.prompt_file}")
             items += load_prompt_file(hp.prompt_file)
+        if self.preferences is not None:
+            if sources:
+                raise PromptError(f"preferences given with {', '.join(sources)}: the items are then the pairs, give no other prompt source")
+            sources.append(f"preferences {self.preferences.path}")
+            items = self.preferences.items()
         if not sources:
             raise PromptError("no prompt source: set prompts, template (with template_values) or prompt_file")
         if not items:
             raise PromptError(f"empty prompt list: {', '.join(sources)} gave no prompts")
-        return [
-            {"prompt": item["prompt"], "negative_prompt": item.get("negative_prompt", hp.negative_prompt),
-             "attributes": item["attributes"]}
-            for item in items
-        ]
+        return [{**item, "negative_prompt": item.get("negative_prompt", hp.negative_prompt)} for item in items]
 
     def split_items(self, items: list[PromptItem]) -> dict[str, list[PromptItem]]:
         """Split ``items`` by a seeded permutation; an empty val or test split falls back to all items."""
@@ -165,6 +173,8 @@ class PromptAttributeDataModule(LightningDataModule):
 
     def build_dataset(self, items: list[PromptItem], split: str) -> Dataset:
         """The dataset of one split (``split`` is one of SPLITS); override to attach more to each item."""
+        if self.preferences is not None:
+            return PreferenceDataset(items, self.preferences)
         if self.contrast is not None and split == "train":
             return ContrastDataset(items, self.contrast.pairs(), self.contrast.labels())
         return items  # a list is a map-style dataset

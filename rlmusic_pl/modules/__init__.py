@@ -1,12 +1,14 @@
-"""LightningModules: DDPO, Stage-1 slider, Stage-2 PPO scale layers and strength sweeps; the MusicGen base and MusicRL."""
+"""LightningModules: DDPO, Stage-1 slider, Stage-2 PPO scale layers and strength sweeps; the MusicGen base, MusicRL and MusicRFM steering."""
 
+from rlmusic_pl.gain_schedule import GainSchedule, load_gain_schedule
 from rlmusic_pl.modules.backbone_module import BackboneModule
 from rlmusic_pl.modules.base import AudioLDM2Module, CheckpointError
 from rlmusic_pl.modules.ddpo import DDPOModule
 from rlmusic_pl.modules.musicgen import MusicGenModule
 from rlmusic_pl.modules.musicrl import MusicRLModule
-from rlmusic_pl.modules.scale_ppo import GainSchedule, ScalePPOModule, load_gain_schedule
+from rlmusic_pl.modules.scale_ppo import ScalePPOModule
 from rlmusic_pl.modules.slider import AttributeProbe, SliderModule, generate_at_strengths
+from rlmusic_pl.modules.steering import SteeringModule
 from rlmusic_pl.modules.sweep import SweepError, SweepModule
 
 __all__ = [
@@ -20,6 +22,7 @@ __all__ = [
     "MusicRLModule",
     "ScalePPOModule",
     "SliderModule",
+    "SteeringModule",
     "SweepError",
     "SweepModule",
     "generate_at_strengths",

@@ -1,9 +1,9 @@
 """Stage 2 of RLScale-LoRA: PPO on the slider's scale layers for smooth strength control (DESIGN.md §7; seed 000).
 
-The Stage-1 slider (base model and LoRA A/B weights) is loaded and frozen. What is trained is a
-``GainSchedule``: per LoRA layer (optionally per channel), a multiplier of the Stage-1 gain,
-``m(s, t) = 1 + theta . phi(s, t)``, with features ``phi`` of the strength s and the diffusion step t
-(``conditioning``). ``theta`` starts at 0, so Stage 2 starts exactly where Stage 1 ended.
+The Stage-1 slider (base model and LoRA A/B weights) is loaded and frozen. What is trained is the
+``GainSchedule`` of its scale layers (``rlmusic_pl.gain_schedule``): per LoRA layer (optionally per
+channel), a multiplier ``1 + theta . phi(s, t)`` of the Stage-1 gain. ``theta`` starts at 0, so
+Stage 2 starts exactly where Stage 1 ended; the policy is a Gaussian over ``theta``.
 
 PPO as a contextual bandit, one training step per batch of prompts:
   1. context: each prompt with one initial noise; action: a draw of ``theta`` from the Gaussian
@@ -20,31 +20,33 @@ The UNet is never differentiated: the generation runs without gradients and the 
 the policy's Gaussian, so a step costs one batched generation. Optimisation is manual (several
 epochs per batch of rollouts).
 
+Under ``strategy=ddp`` every rank generates its own rollouts (its own prompts, noise and actions);
+the actions and rewards of all ranks are gathered, so every rank computes the same advantages and
+the same loss on the same full batch, and the gains stay identical without a gradient all-reduce.
+
 The result, ``<run dir>/adapter`` (and ``export_to``), is the slider's adapter plus
-``gain_schedule.safetensors``; ``load_gain_schedule`` (used by ``SweepModule``) applies it.
+``gain_schedule.safetensors``; ``rlmusic_pl.gain_schedule.load_gain_schedule`` (used by
+``SweepModule``) applies it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-import json
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Literal
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.distributions import Normal
 
 from rlmusic_pl.backbone.conditioning import PromptConditioning
 from rlmusic_pl.callbacks.samples import SampleBatch
-from rlmusic_pl.data.audio import atomic_write
+from rlmusic_pl.gain_schedule import FEATURES, GAIN_SCHEDULE, Conditioning, GainSchedule, save_gain_schedule
 from rlmusic_pl.lora import SCALE_WEIGHTS, LoRAError, LoRASettings, load_lora, lora_parameters, read_adapter_info, scale_layers
 from rlmusic_pl.modules.base import AudioLDM2Module, CheckpointError, check_positive
 from rlmusic_pl.modules.ppo import clipped_surrogate
-from rlmusic_pl.modules.slider import AttributeProbe, generate_at_strengths
+from rlmusic_pl.modules.slider import AttributeProbe, attribute_probe_from, generate_at_strengths
 from rlmusic_pl.rewards.base import RewardResult
 from rlmusic_pl.rewards.stability import (
     AttributeMonotonicityReward,
@@ -53,118 +55,6 @@ from rlmusic_pl.rewards.stability import (
     WeightedSweepReward,
     linearity,
 )
-
-GAIN_SCHEDULE = "gain_schedule.safetensors"
-Conditioning = Literal["none", "strength", "strength_step"]
-FEATURES = {"none": 1, "strength": 2, "strength_step": 4}
-
-
-def schedule_features(conditioning: str, strength: Tensor, step_fraction: Tensor) -> Tensor:
-    """Features [R, K] of per-sample strengths [R] at the step fraction t / T (a scalar tensor)."""
-    one = torch.ones_like(strength)
-    if conditioning == "none":
-        return one[:, None]
-    if conditioning == "strength":
-        return torch.stack([one, strength], 1)
-    tau = step_fraction.to(strength).expand_as(strength)
-    return torch.stack([one, strength, tau, strength * tau], 1)
-
-
-class GainSchedule(nn.Module):
-    """Stage 2's scale layers: multipliers ``1 + theta . phi(s, t)`` of every LoRA layer's Stage-1 gain.
-
-    ``mean`` holds theta of every layer (flat, [D]); ``actions`` (rows [R, D], or None for ``mean``)
-    is what the hook applies while set, so one generation batch can run a different theta per sample.
-    ``attach(unet)`` installs a forward pre-hook that, at every UNet call, reads the layers' strength
-    (set by ``set_strength``) and the timestep and sets each scale layer's ``modulation``.
-
-    Args:
-        channels: output channels of each LoRA layer's scale layer, by layer name (UNet order).
-        conditioning: ``none`` (one multiplier per layer/channel), ``strength`` (linear in s) or
-            ``strength_step`` (bilinear in s and t / T).
-        per_channel: one multiplier per output channel (else one per layer).
-        num_train_timesteps: T, to turn timesteps into step fractions.
-    """
-
-    def __init__(self, channels: dict[str, int], conditioning: Conditioning = "strength", per_channel: bool = False,
-                 num_train_timesteps: int = 1000) -> None:
-        super().__init__()
-        if conditioning not in FEATURES:
-            raise ValueError(f"conditioning must be one of {sorted(FEATURES)}, got {conditioning!r}")
-        self.conditioning = conditioning
-        self.per_channel = per_channel
-        self.num_train_timesteps = num_train_timesteps
-        self.widths = {name: c if per_channel else 1 for name, c in channels.items()}
-        self.mean = nn.Parameter(torch.zeros(FEATURES[conditioning] * sum(self.widths.values())))
-        self.actions: Tensor | None = None
-
-    @property
-    def settings(self) -> dict:
-        return {"conditioning": self.conditioning, "per_channel": self.per_channel, "num_train_timesteps": self.num_train_timesteps}
-
-    def multipliers(self, theta: Tensor, strength: Tensor, step_fraction: Tensor) -> dict[str, Tensor]:
-        """Per layer, multipliers [R] (or [R, C] per channel) for theta [R or 1, D] and strengths [R or 1]."""
-        features = schedule_features(self.conditioning, strength, step_fraction)[:, :, None]  # [R, K, 1]
-        result, offset = {}, 0
-        for name, width in self.widths.items():
-            size = features.shape[1] * width
-            coefficients = theta[:, offset : offset + size].view(theta.shape[0], -1, width)  # [R, K, C]
-            offset += size
-            multiplier = 1 + (features * coefficients).sum(1)
-            result[name] = multiplier if self.per_channel else multiplier[:, 0]
-        return result
-
-    def attach(self, unet: nn.Module) -> torch.utils.hooks.RemovableHandle:
-        layers = scale_layers(unet)
-        if {name: layer.gain.numel() if self.per_channel else 1 for name, layer in layers.items()} != self.widths:
-            raise LoRAError("the gain schedule does not fit this UNet's LoRA layers")
-
-        def hook(module, args, kwargs):
-            timestep = torch.as_tensor(args[1] if len(args) > 1 else kwargs["timestep"]).float().flatten()
-            if timestep.numel() > 1 and (timestep != timestep[0]).any():
-                raise LoRAError("the gain schedule needs one timestep per UNet call")
-            strength = next(iter(layers.values())).strength  # set_strength sets the same on every layer
-            strength = torch.as_tensor(strength, dtype=torch.float32, device=self.mean.device).flatten()
-            theta = self.mean[None] if self.actions is None else self.actions
-            with torch.no_grad():
-                multipliers = self.multipliers(theta.detach(), strength, timestep[0] / self.num_train_timesteps)
-            for name, layer in layers.items():
-                layer.modulation = multipliers[name]
-
-        return unet.register_forward_pre_hook(hook, with_kwargs=True)
-
-
-def save_gain_schedule(schedule: GainSchedule, directory: str | Path) -> Path:
-    path = Path(directory) / GAIN_SCHEDULE
-    tensors = {"mean": schedule.mean.detach().float().cpu().contiguous()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"rlmusic_pl": json.dumps(schedule.settings)}))
-    return path
-
-
-def load_gain_schedule(unet: nn.Module, directory: str | Path) -> GainSchedule | None:
-    """Attach the Stage-2 gain schedule saved in an adapter directory to ``unet`` (which holds that
-    adapter's LoRA); None if the directory has none (a Stage-1 slider or DDPO LoRA)."""
-    path = Path(directory) / GAIN_SCHEDULE
-    if not path.is_file():
-        return None
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            settings = json.loads((handle.metadata() or {})["rlmusic_pl"])
-            mean = handle.get_tensor("mean")
-    except Exception as err:  # safetensors, json and a missing key raise their own error types
-        raise LoRAError(f"{path}: not a readable gain schedule ({err})") from err
-    channels = {name: layer.gain.numel() for name, layer in scale_layers(unet).items()}
-    try:
-        schedule = GainSchedule(channels, **settings).to(unet.device)
-    except TypeError as err:
-        raise LoRAError(f"{path}: gain schedule settings {settings} do not fit this version ({err})") from err
-    if schedule.mean.shape != mean.shape:
-        raise LoRAError(f"{path}: holds {mean.numel()} coefficients, but the adapter's LoRA layers need {schedule.mean.numel()}")
-    schedule.mean.data.copy_(mean)
-    schedule.requires_grad_(False)
-    schedule.attach(unet)
-    return schedule
-
 
 def check_slider_settings(directory: Path, saved: LoRASettings, configured: LoRASettings) -> None:
     """LoRAError naming the slider directory and every LoRA setting that differs from the configured ones."""
@@ -175,19 +65,6 @@ def check_slider_settings(directory: Path, saved: LoRASettings, configured: LoRA
     ]
     if differ:
         raise LoRAError(f"slider {directory}: its LoRA has {', '.join(differ)}; set lora_rank/lora_alpha/lora_targets to the slider's")
-
-
-def attribute_probe_from(adapter_info: dict) -> AttributeProbe | None:
-    """The Stage-1 attribute probe saved in a slider's metadata (its two mean latents); None if absent."""
-    means = adapter_info.get("attribute_probe")
-    if means is None:
-        return None
-    positive, negative = torch.tensor(means["positive_mean"]), torch.tensor(means["negative_mean"])
-    probe = AttributeProbe(*positive.shape)
-    probe.positive_sum.copy_(positive)
-    probe.negative_sum.copy_(negative)
-    probe.count.fill_(1)
-    return probe
 
 
 @dataclass
@@ -320,12 +197,6 @@ class ScalePPOModule(AudioLDM2Module):
             param.requires_grad_(False)
         self.slider_info = info
 
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        if stage == "fit" and self.trainer.world_size > 1:
-            raise ValueError("ScalePPOModule trains on one device: its PPO rollouts and gain policy are not synchronised "
-                             f"across processes (got {self.trainer.world_size}); use --trainer.devices=1")
-
     def configure_model(self) -> None:
         if self.backbone is not None:
             return
@@ -411,14 +282,14 @@ class ScalePPOModule(AudioLDM2Module):
         generator = torch.Generator().manual_seed(self.hparams.seed + 1_000_003 * self.steps_sampled + 7_919 * self.global_rank)
         rollouts = self.sample_rollouts(batch, generator)
         self.steps_sampled += 1
-        metrics = self.train_on_rollouts(rollouts.actions, rollouts.rewards.total)
+        metrics = self.train_on_rollouts(*self._gather(rollouts.actions, rollouts.rewards.total))
         for name, value in metrics.items():
             self.log(f"train/{name}", value, on_step=True, on_epoch=False, prog_bar=name == "loss")
         self.log("train/std", self.log_std.exp().detach(), on_step=True, on_epoch=False)
         return {"samples": self._sample_batch(rollouts.waveforms, rollouts.rewards, rollouts.prompts, rollouts.attributes)}
 
     def train_on_rollouts(self, actions: Tensor, rewards: Tensor) -> dict[str, Tensor]:
-        """``ppo_epochs`` full-batch steps on one batch of rollouts; the mean of each loss term."""
+        """``ppo_epochs`` full-batch steps on one batch of rollouts (every rank's); the mean of each loss term."""
         optimizer = self.optimizers()
         with torch.no_grad():
             if self.steps_sampled == 1:  # a baseline of 0 would make every first advantage positive
@@ -429,11 +300,22 @@ class ScalePPOModule(AudioLDM2Module):
         for _ in range(self.hparams.ppo_epochs):
             terms = self.ppo_loss(actions, old_log_prob, advantages, rewards)
             optimizer.zero_grad()
-            self.manual_backward(terms.loss)
+            with self._no_gradient_sync():  # every rank has the same full batch, so the same gradient
+                self.manual_backward(terms.loss)
             optimizer.step()
             for field in fields(terms):
                 history.setdefault(field.name, []).append(getattr(terms, field.name).detach())
         return {name: torch.stack(values).mean() for name, values in history.items()}
+
+    def _gather(self, actions: Tensor, rewards: Tensor) -> tuple[Tensor, Tensor]:
+        """Every rank's actions [N, D] and rewards [N], concatenated in rank order (this rank's alone on one process)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return actions, rewards
+        return self.all_gather(actions).flatten(0, 1), self.all_gather(rewards).flatten(0, 1)
+
+    def _no_gradient_sync(self):
+        block = getattr(self.trainer.strategy, "block_backward_sync", None)
+        return block() if block is not None else contextlib.nullcontext()
 
     # --------------------------------------------------------------------------- evaluation
     def validation_step(self, batch: dict, batch_idx: int) -> dict:

@@ -138,6 +138,19 @@ class AttributeProbe(nn.Module):
         return (centred * direction).sum((1, 2)) / direction.pow(2).sum().clamp(min=1e-12)
 
 
+def attribute_probe_from(adapter_info: dict) -> AttributeProbe | None:
+    """The Stage-1 attribute probe saved in a slider's metadata (its two mean latents); None if absent."""
+    means = adapter_info.get("attribute_probe")
+    if means is None:
+        return None
+    positive, negative = torch.tensor(means["positive_mean"]), torch.tensor(means["negative_mean"])
+    probe = AttributeProbe(*positive.shape)
+    probe.positive_sum.copy_(positive)
+    probe.negative_sum.copy_(negative)
+    probe.count.fill_(1)
+    return probe
+
+
 class SliderModule(AudioLDM2Module):
     """Stage-1 concept-slider LoRA: +s makes the attribute's positive side, -s its negative side.
 

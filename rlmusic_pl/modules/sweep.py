@@ -32,7 +32,7 @@ from rlmusic_pl.errors import RLMusicError
 from rlmusic_pl.evaluation import MusicEvaluator
 from rlmusic_pl.lora import LORA_WEIGHTS, SCALE_WEIGHTS, LoRAError, load_lora, read_adapter_info, read_lora_state_dict
 from rlmusic_pl.modules.base import AudioLDM2Module, check_positive
-from rlmusic_pl.modules.scale_ppo import load_gain_schedule
+from rlmusic_pl.gain_schedule import load_gain_schedule
 from rlmusic_pl.modules.slider import generate_at_strengths
 from rlmusic_pl.rewards.base import Reward, as_rewards, check_rewards_for_prompts
 from rlmusic_pl.rewards.stability import mel_ssim
@@ -93,7 +93,95 @@ def resolve_adapter(adapter: str | Path) -> Path:
     return path
 
 
-class SweepModule(AudioLDM2Module):
+class SweepPredictor:
+    """What every sweep module shares: ``predict`` over prompt x seed x strength, resumable, scored, for ``SweepWriter``.
+
+    A module mixes it in before its backbone class and provides ``strengths``, ``seeds``, ``metrics``
+    (a ModuleList of rewards), the hyperparameters ``output_dir`` and ``sample_batch_size``, and:
+    ``generate(clips, strengths)`` (waveforms of one (prompt, seed) at several strengths, or of several
+    clips at one strength), ``generation_settings()`` (what decides a clip's audio besides its prompt,
+    strength and seed) and ``expected_samples()`` (the length of a clip).
+    """
+
+    # ------------------------------------------------------------------------- output
+    @property
+    def sweep_dir(self) -> Path:
+        """``output_dir``, or ``<trainer default_root_dir>/sweep``."""
+        if self.hparams.output_dir:
+            return Path(self.hparams.output_dir).expanduser()
+        return Path(self.trainer.default_root_dir if self._trainer is not None else ".") / "sweep"
+
+    def clip_path(self, clip: Clip) -> Path:
+        return self.sweep_dir / "audio" / clip.file_name
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "predict":  # before the backbone loads
+            check_writable(self.sweep_dir, "output_dir", SweepError)
+            check_rewards_for_prompts(self.metrics, self.sweep_prompts(), ["predict"])
+            check_same_settings(self.sweep_dir, self.generation_settings())
+
+    def sweep_prompts(self):
+        """What lists the sweep's prompts by split for the metrics' checks (the data module; see ``check_rewards_for_prompts``)."""
+        return self.trainer.datamodule
+
+    def on_predict_start(self) -> None:
+        if not any(isinstance(c, SweepWriter) for c in self.trainer.callbacks):
+            log.warning("no SweepWriter among the trainer's callbacks: the sweep's clips will not be written")
+
+    # ------------------------------------------------------------------------- the sweep
+    def predict_step(self, batch: dict, batch_idx: int) -> SweepClips:
+        clips = self.batch_clips(batch, self.strengths)
+        audio = {clip.file_name: self.read_clip(clip) for clip in clips if self.clip_path(clip).is_file()}
+        new_audio = {}
+        for start in range(0, len(clips), len(self.strengths)):  # the strengths of one (prompt, seed)
+            missing = [clip for clip in clips[start : start + len(self.strengths)] if clip.file_name not in audio]
+            for chunk in chunks(missing, self.hparams.sample_batch_size):
+                waves = self.generate(chunk[:1], [clip.strength for clip in chunk])
+                new_audio.update((clip.file_name, stored_pcm16(wave, self.backbone.sample_rate)) for clip, wave in zip(chunk, waves))
+        audio.update(new_audio)
+        return SweepClips(clips=self.score(clips, audio), new_audio=new_audio, sample_rate=self.backbone.sample_rate)
+
+    def batch_clips(self, batch: dict, strengths: list[float]) -> list[Clip]:
+        """Every (prompt, seed, strength) of a batch, prompt slowest and strength fastest."""
+        return [
+            Clip(item, prompt, negative, dict(attributes), seed, strength)
+            for item, (prompt, negative, attributes) in enumerate(zip(batch["prompt"], batch["negative_prompt"], batch["attributes"]))
+            for seed in self.seeds
+            for strength in strengths
+        ]
+
+    def read_clip(self, clip: Clip) -> Tensor:
+        """A clip written by an earlier run; SweepError if it does not fit this sweep's settings."""
+        path = self.clip_path(clip)
+        wave = load_audio(path, self.backbone.sample_rate)  # AudioError naming the file if unreadable
+        info = soundfile.info(str(path))
+        expected = self.expected_samples()
+        if info.samplerate != self.backbone.sample_rate or wave.shape[0] != expected:
+            raise SweepError(
+                f"{path}: holds {info.frames} samples at {info.samplerate} Hz, but this sweep makes {expected} at "
+                f"{self.backbone.sample_rate} Hz (duration_s changed?); delete the old clips or choose another output_dir"
+            )
+        return wave
+
+    def score(self, clips: list[Clip], audio: dict[str, Tensor]) -> list[Clip]:
+        """``clips`` with their metrics: every metric's components, and SSIM to the strength-0 clip."""
+        waves = torch.stack([audio[clip.file_name] for clip in clips]).to(self.device)
+        prompts, attributes = [c.prompt for c in clips], [c.attributes for c in clips]
+        columns: dict[str, Tensor] = {}
+        for metric in self.metrics:
+            result = metric.evaluate(waves, self.backbone.sample_rate, prompts, attributes)
+            for name, values in {**result.components, metric.name: result.total}.items():
+                if name in columns:
+                    raise SweepError(f"two metrics report a value named {name!r}: give the rewards distinct names")
+                columns[name] = values
+        if 0.0 in self.strengths:
+            reference = torch.stack([audio[replace(c, strength=0.0).file_name] for c in clips]).to(self.device)
+            columns[SSIM_METRIC] = mel_ssim(waves, reference, self.backbone.sample_rate)
+        return [replace(clip, metrics={name: float(values[i]) for name, values in columns.items()}) for i, clip in enumerate(clips)]
+
+
+class SweepModule(SweepPredictor, AudioLDM2Module):
     """Attribute-strength sweeps and evaluation of a trained adapter on AudioLDM2.
 
     ``predict``: for each prompt x strength x seed one clip, generated from the same noise for every
@@ -169,24 +257,6 @@ class SweepModule(AudioLDM2Module):
     def frozen_modules(self) -> list[torch.nn.Module]:
         return super().frozen_modules() + [self.metrics]
 
-    # ------------------------------------------------------------------------- output
-    @property
-    def sweep_dir(self) -> Path:
-        """``output_dir``, or ``<trainer default_root_dir>/sweep``."""
-        if self.hparams.output_dir:
-            return Path(self.hparams.output_dir).expanduser()
-        return Path(self.trainer.default_root_dir if self._trainer is not None else ".") / "sweep"
-
-    def clip_path(self, clip: Clip) -> Path:
-        return self.sweep_dir / "audio" / clip.file_name
-
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        if stage == "predict":  # before the backbone loads
-            check_writable(self.sweep_dir, "output_dir", SweepError)
-            check_rewards_for_prompts(self.metrics, self.trainer.datamodule, ["predict"])
-            check_same_settings(self.sweep_dir, self.generation_settings())
-
     def generation_settings(self) -> dict:
         """Everything that decides a clip's audio besides its prompt, strength and seed."""
         hp = self.hparams
@@ -196,45 +266,6 @@ class SweepModule(AudioLDM2Module):
                 adapter.update(path.name.encode() + path.read_bytes())
         names = ("backbone", "backbone_seed", "text_length", "duration_s", "num_steps", "guidance_scale", "start_fraction")
         return {"adapter_sha256": adapter.hexdigest(), **{name: hp[name] for name in names}}
-
-    def on_predict_start(self) -> None:
-        if not any(isinstance(c, SweepWriter) for c in self.trainer.callbacks):
-            log.warning("no SweepWriter among the trainer's callbacks: the sweep's clips will not be written")
-
-    # ------------------------------------------------------------------------- the sweep
-    def predict_step(self, batch: dict, batch_idx: int) -> SweepClips:
-        clips = self.batch_clips(batch, self.strengths)
-        audio = {clip.file_name: self.read_clip(clip) for clip in clips if self.clip_path(clip).is_file()}
-        new_audio = {}
-        for start in range(0, len(clips), len(self.strengths)):  # the strengths of one (prompt, seed)
-            missing = [clip for clip in clips[start : start + len(self.strengths)] if clip.file_name not in audio]
-            for chunk in chunks(missing, self.hparams.sample_batch_size):
-                waves = self.generate(chunk[:1], [clip.strength for clip in chunk])
-                new_audio.update((clip.file_name, stored_pcm16(wave, self.backbone.sample_rate)) for clip, wave in zip(chunk, waves))
-        audio.update(new_audio)
-        return SweepClips(clips=self.score(clips, audio), new_audio=new_audio, sample_rate=self.backbone.sample_rate)
-
-    def batch_clips(self, batch: dict, strengths: list[float]) -> list[Clip]:
-        """Every (prompt, seed, strength) of a batch, prompt slowest and strength fastest."""
-        return [
-            Clip(item, prompt, negative, dict(attributes), seed, strength)
-            for item, (prompt, negative, attributes) in enumerate(zip(batch["prompt"], batch["negative_prompt"], batch["attributes"]))
-            for seed in self.seeds
-            for strength in strengths
-        ]
-
-    def read_clip(self, clip: Clip) -> Tensor:
-        """A clip written by an earlier run; SweepError if it does not fit this sweep's settings."""
-        path = self.clip_path(clip)
-        wave = load_audio(path, self.backbone.sample_rate)  # AudioError naming the file if unreadable
-        info = soundfile.info(str(path))
-        expected = self.backbone.num_samples(self.hparams.duration_s)
-        if info.samplerate != self.backbone.sample_rate or wave.shape[0] != expected:
-            raise SweepError(
-                f"{path}: holds {info.frames} samples at {info.samplerate} Hz, but this sweep makes {expected} at "
-                f"{self.backbone.sample_rate} Hz (duration_s changed?); delete the old clips or choose another output_dir"
-            )
-        return wave
 
     @torch.no_grad()
     def generate(self, clips: list[Clip], strengths: list[float]) -> Tensor:
@@ -246,21 +277,8 @@ class SweepModule(AudioLDM2Module):
         latents = generate_at_strengths(self.backbone, cond, noise, strengths, hp.num_steps, hp.guidance_scale, hp.start_fraction)
         return self.backbone.decode(latents, hp.duration_s).float().cpu()
 
-    def score(self, clips: list[Clip], audio: dict[str, Tensor]) -> list[Clip]:
-        """``clips`` with their metrics: every metric's components, and SSIM to the strength-0 clip."""
-        waves = torch.stack([audio[clip.file_name] for clip in clips]).to(self.device)
-        prompts, attributes = [c.prompt for c in clips], [c.attributes for c in clips]
-        columns: dict[str, Tensor] = {}
-        for metric in self.metrics:
-            result = metric.evaluate(waves, self.backbone.sample_rate, prompts, attributes)
-            for name, values in {**result.components, metric.name: result.total}.items():
-                if name in columns:
-                    raise SweepError(f"two metrics report a value named {name!r}: give the rewards distinct names")
-                columns[name] = values
-        if 0.0 in self.strengths:
-            reference = torch.stack([audio[replace(c, strength=0.0).file_name] for c in clips]).to(self.device)
-            columns[SSIM_METRIC] = mel_ssim(waves, reference, self.backbone.sample_rate)
-        return [replace(clip, metrics={name: float(values[i]) for name, values in columns.items()}) for i, clip in enumerate(clips)]
+    def expected_samples(self) -> int:
+        return self.backbone.num_samples(self.hparams.duration_s)
 
     # ------------------------------------------------------------------------- evaluation
     def validation_step(self, batch: dict, batch_idx: int) -> dict:

@@ -4,6 +4,7 @@ from rlmusic_pl.rewards.base import CallableReward, Reward, RewardError, RewardR
 from rlmusic_pl.rewards.clap import CLAPReward
 from rlmusic_pl.rewards.combined import WeightedReward
 from rlmusic_pl.rewards.emotion import EmotionReward
+from rlmusic_pl.rewards.pitch import PitchClassReward
 from rlmusic_pl.rewards.simple import BandEnergyReward, LoudnessReward, SpectralCentroidReward, SpectralFluxReward
 from rlmusic_pl.rewards.stability import (
     AttributeMonotonicityReward,
@@ -12,6 +13,7 @@ from rlmusic_pl.rewards.stability import (
     SweepReward,
     WeightedSweepReward,
 )
+from rlmusic_pl.rewards.tempo import TempoReward
 
 __all__ = [
     "BandEnergyReward",
@@ -19,11 +21,13 @@ __all__ = [
     "CallableReward",
     "EmotionReward",
     "LoudnessReward",
+    "PitchClassReward",
     "Reward",
     "RewardError",
     "RewardResult",
     "SpectralCentroidReward",
     "SpectralFluxReward",
+    "TempoReward",
     "WeightedReward",
     "AttributeMonotonicityReward",
     "SpectralStabilityReward",

@@ -119,6 +119,14 @@ def test_each_sample_is_scored_with_its_own_conditioning(backbone, cond):
     assert not torch.allclose(swapped[:2], batched[:2], atol=1e-3)
 
 
+def test_one_generator_per_sample_makes_each_sample_independent_of_the_batch(backbone, cond):
+    alone = backbone.sample(cond[1:2], FRAMES, generator=[torch.Generator().manual_seed(5)], **POLICY)
+    batched = backbone.sample(cond, FRAMES, generator=[torch.Generator().manual_seed(s) for s in (3, 5, 4)], **POLICY)
+    assert torch.equal(batched.codes[1], alone.codes[0])
+    with pytest.raises(ValueError, match="2 generators for 3 samples"):
+        backbone.sample(cond, FRAMES, generator=[torch.Generator(), torch.Generator()], **POLICY)
+
+
 def test_same_generator_seed_same_sample_other_seed_other_sample(backbone, cond):
     first, again, other = sample(backbone, cond, seed=4), sample(backbone, cond, seed=4), sample(backbone, cond, seed=5)
     assert torch.equal(first.codes, again.codes) and torch.equal(first.log_probs, again.log_probs)

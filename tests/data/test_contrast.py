@@ -55,6 +55,23 @@ def test_pairing_is_seeded_and_cycles_the_smaller_set(synthetic, tmp_path):
     assert not all(torch.equal(pairs[i][0], other[i][0]) for i in range(9))
 
 
+def test_paired_sets_match_each_bright_segment_with_the_dull_one_of_the_same_notes(synthetic, tmp_path):
+    pairs = SyntheticContrastSets(str(synthetic), count=3, duration_s=1.5, segment_s=0.5, seed=0, paired=True).pairs()
+    bright = ContrastSets(str(synthetic / "bright"), str(synthetic / "bright"), segment_s=0.5).pairs().positive
+    dull = ContrastSets(str(synthetic / "dull"), str(synthetic / "dull"), segment_s=0.5).pairs().positive
+    assert len(pairs) == 9
+    for index in range(len(pairs)):
+        number = pairs.positive_order[index]
+        torch.testing.assert_close(pairs[index][0], bright.segment(number))
+        torch.testing.assert_close(pairs[index][1], dull.segment(number))  # the same clip and segment, the dull side
+    assert pairs.positive_order != sorted(pairs.positive_order)  # still shuffled (one order for both)
+    negative = tmp_path / "negative"
+    negative.mkdir()
+    np.save(negative / "only.npy", np.full((120, 64), -3.0, np.float32))
+    with pytest.raises(DataFolderError, match="must hold matching examples .*got 9 and 2 segments"):
+        ContrastSets(str(synthetic / "bright"), str(negative), segment_s=0.5, paired=True).pairs()
+
+
 def test_an_example_shorter_than_a_segment_is_padded_with_silence(tmp_path):
     for side in ("a", "b"):
         (tmp_path / side).mkdir()

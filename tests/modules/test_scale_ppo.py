@@ -1,6 +1,10 @@
 """ScalePPOModule (Stage 2): only the scale policy trains, the PPO loss, identity at start, slider checks, export."""
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -8,14 +12,15 @@ import torch
 
 from rlmusic_pl.backbone.audioldm2 import AudioLDM2Backbone
 from rlmusic_pl.data import PromptAttributeDataModule
+from rlmusic_pl.gain_schedule import GAIN_SCHEDULE
 from rlmusic_pl.lora import LoRAError, load_lora, lora_parameters, save_lora
 from rlmusic_pl.modules import GainSchedule, ScalePPOModule, SliderModule, SweepModule, generate_at_strengths
-from rlmusic_pl.modules.scale_ppo import GAIN_SCHEDULE
 
 DURATION = 0.5
 STEPS = 3
 GRID = [0.0, 0.5, 1.0]
 PROMPTS = ["A piano melody", "jazz"]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +150,22 @@ def test_a_slider_with_other_lora_settings_is_a_clear_error(slider_dir, override
 def test_a_directory_that_is_not_a_slider_is_a_clear_error(tmp_path):
     with pytest.raises(LoRAError, match=f"{tmp_path / 'missing'}: no such adapter directory"):
         stage2(tmp_path / "missing")
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_gathers_every_ranks_rollouts_and_keeps_the_gains_identical(slider_dir, tmp_path):
+    command = [sys.executable, str(ROOT / "tests" / "scale_ppo_ddp.py"), "2", str(slider_dir), str(tmp_path)]
+    result = subprocess.run(command, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for step in range(2):
+        own = [rank["own_actions"][step] for rank in ranks]
+        assert not torch.allclose(own[0], own[1])  # each rank generated its own rollouts
+        for rank in ranks:  # and every update used all of them, in rank order, with the same rewards
+            torch.testing.assert_close(rank["actions"][step], torch.cat(own), rtol=0, atol=0)
+            torch.testing.assert_close(rank["rewards"][step], ranks[0]["rewards"][step], rtol=0, atol=0)
+        assert ranks[0]["rewards"][step].numel() == 2 * 2  # ranks x rollouts per prompt (one prompt per rank)
+    for name in ("theta", "log_std", "value"):
+        torch.testing.assert_close(ranks[0]["after"][name], ranks[1]["after"][name], rtol=0, atol=0)
+        assert not torch.equal(ranks[0]["after"][name], ranks[0]["before"][name])  # they did train

@@ -1,0 +1,1 @@
+"""MusicRFM: concept directions in MusicGen's decoder activations (probes, direction files) and steered generation."""

@@ -1,0 +1,55 @@
+"""The gain schedule's file format: adapters written before it moved out of the Stage-2 module still load."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from rlmusic_pl.backbone.audioldm2 import AudioLDM2Backbone
+from rlmusic_pl.gain_schedule import GAIN_SCHEDULE, GainSchedule, load_gain_schedule, save_gain_schedule
+from rlmusic_pl.lora import LoRAError, LoRASettings, add_lora, scale_layers
+
+
+@pytest.fixture
+def unet():
+    backbone = AudioLDM2Backbone.load("tiny")
+    add_lora(backbone.unet, LoRASettings(targets="self_attention"))
+    return backbone.unet
+
+
+def layers(unet) -> int:
+    return len(scale_layers(unet))
+
+
+def test_a_gain_schedule_file_in_the_first_stage2_format_loads(unet, tmp_path):
+    # Written by hand exactly as ScalePPOModule wrote gain_schedule.safetensors before the move.
+    mean = torch.linspace(-0.1, 0.1, 2 * layers(unet))
+    settings = {"conditioning": "strength", "per_channel": False, "num_train_timesteps": 1000}
+    save_file({"mean": mean}, str(tmp_path / "gain_schedule.safetensors"), metadata={"rlmusic_pl": json.dumps(settings)})
+    schedule = load_gain_schedule(unet, tmp_path)
+    assert schedule.settings == settings
+    torch.testing.assert_close(schedule.mean.detach(), mean, rtol=0, atol=0)
+    assert not schedule.mean.requires_grad
+
+
+def test_saving_keeps_the_format_and_round_trips(unet, tmp_path):
+    channels = {name: layer.gain.numel() for name, layer in scale_layers(unet).items()}
+    schedule = GainSchedule(channels, conditioning="strength_step", per_channel=True, num_train_timesteps=500)
+    with torch.no_grad():
+        schedule.mean.normal_()
+    path = save_gain_schedule(schedule, tmp_path)
+    assert path == tmp_path / GAIN_SCHEDULE
+    with safe_open(str(path), framework="pt") as handle:
+        assert list(handle.keys()) == ["mean"]
+        assert json.loads(handle.metadata()["rlmusic_pl"]) == {"conditioning": "strength_step", "per_channel": True, "num_train_timesteps": 500}
+    torch.testing.assert_close(load_gain_schedule(unet, tmp_path).mean, schedule.mean.detach(), rtol=0, atol=0)
+
+
+def test_a_directory_without_a_schedule_gives_none_and_a_wrong_size_is_a_clear_error(unet, tmp_path):
+    assert load_gain_schedule(unet, tmp_path) is None
+    settings = {"conditioning": "none", "per_channel": False, "num_train_timesteps": 1000}
+    save_file({"mean": torch.zeros(3)}, str(tmp_path / GAIN_SCHEDULE), metadata={"rlmusic_pl": json.dumps(settings)})
+    with pytest.raises(LoRAError, match=f"holds 3 coefficients, but the adapter's LoRA layers need {layers(unet)}"):
+        load_gain_schedule(unet, tmp_path)
