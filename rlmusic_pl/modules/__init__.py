@@ -1,10 +1,11 @@
-"""LightningModules: DDPO, Stage-1 slider, Stage-2 PPO scale layers and strength sweeps; the MusicGen base, MusicRL and MusicRFM steering."""
+"""LightningModules: DDPO, Stage-1 slider, Stage-2 PPO scale layers and strength sweeps; the MusicGen base, MusicRL, MusicGen adapter sweeps and MusicRFM steering."""
 
 from rlmusic_pl.gain_schedule import GainSchedule, load_gain_schedule
 from rlmusic_pl.modules.backbone_module import BackboneModule
 from rlmusic_pl.modules.base import AudioLDM2Module, CheckpointError
 from rlmusic_pl.modules.ddpo import DDPOModule
 from rlmusic_pl.modules.musicgen import MusicGenModule
+from rlmusic_pl.modules.musicgen_sweep import MusicGenSweepModule
 from rlmusic_pl.modules.musicrl import MusicRLModule
 from rlmusic_pl.modules.scale_ppo import ScalePPOModule
 from rlmusic_pl.modules.slider import AttributeProbe, SliderModule, generate_at_strengths
@@ -19,6 +20,7 @@ __all__ = [
     "DDPOModule",
     "GainSchedule",
     "MusicGenModule",
+    "MusicGenSweepModule",
     "MusicRLModule",
     "ScalePPOModule",
     "SliderModule",
