@@ -1,4 +1,4 @@
-"""Benchmark scripts that other benchmarks and configs depend on: the trained tiny backbone, the memory counter."""
+"""Benchmark scripts that other benchmarks and configs depend on: the trained tiny backbones, the memory counter."""
 
 import os
 import subprocess
@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from rlmusic_pl.backbone.audioldm2 import AudioLDM2Backbone
+from rlmusic_pl.backbone.musicgen import MusicGenBackbone
 from rlmusic_pl.backbone.tiny import build_tiny_pipeline
 from rlmusic_pl.data.audio import UMASK
 
@@ -61,6 +62,64 @@ def test_the_learning_config_fits_on_a_trained_backbone_directory(trained_backbo
     events.Reload()
     assert {"train/reward/total", "val/reward/total"} <= set(events.Tags()["scalars"])
     assert (run_dir / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.fixture(scope="module")
+def trained_musicgen(tmp_path_factory) -> tuple[Path, str]:
+    """benchmarks/train_tiny_musicgen.py with two steps per stage: its output directory and stdout."""
+    out = tmp_path_factory.mktemp("musicgen") / "tiny-musicgen-trained"
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "train_tiny_musicgen.py"), str(out), "--clips", "16", "--batch-size", "4",
+        "--codec-steps", "2", "--decoder-steps", "2", "--hidden-size", "32", "--layers", "1",
+    ]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out, result.stdout
+
+
+def test_train_tiny_musicgen_writes_a_trained_musicgen_that_the_backbone_loads_and_samples(trained_musicgen):
+    out, stdout = trained_musicgen
+    assert "codec step 2/2" in stdout and "decoder step 2/2" in stdout
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from train_tiny_musicgen import build_untrained
+
+    trained = MusicGenBackbone.load(str(out))
+    untrained = build_untrained(0, hidden_size=32, num_layers=1)
+    assert (trained.sample_rate, trained.codebook_size, trained.num_codebooks, trained.frame_rate) == (8000, 64, 4, 50)
+    for name in ("audio_encoder", "decoder"):
+        before = torch.cat([p.flatten() for p in getattr(untrained, name).parameters()])
+        after = torch.cat([p.flatten() for p in getattr(trained, name).parameters()])
+        assert not torch.equal(before, after), f"{name} was not trained"
+    # transformers initialises the codebooks to zero; k-means++ and the EMA updates fill them with distinct codes.
+    for layer in trained.audio_encoder.quantizer.layers[: trained.num_codebooks]:
+        assert torch.unique(layer.codebook.embed, dim=0).shape[0] > trained.codebook_size // 2
+    assert not list(out.parent.glob(".tiny-musicgen-trained.*")), "the staging directory was left behind"
+    cond = trained.encode_prompts(["a bright C note", "a dull G note"])
+    sample = trained.sample(cond, trained.num_frames(0.2), generator=torch.Generator().manual_seed(0))
+    audio = trained.decode(sample.codes)
+    assert audio.shape == (2, round(0.2 * trained.sample_rate)) and torch.isfinite(audio).all()
+
+
+def test_kmeans_plus_plus_finds_separated_clusters():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from train_tiny_musicgen import kmeans_plus_plus
+
+    generator = torch.Generator().manual_seed(0)
+    means = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    vectors = (means[:, None] + 0.1 * torch.randn(3, 50, 2, generator=generator)).reshape(-1, 2)
+    centres = kmeans_plus_plus(vectors, 3, generator)
+    assert torch.cdist(means, centres).min(dim=1).values.max() < 0.1
+
+
+def test_tiny_musicgen_quality_reports_codec_and_conditioning_for_trained_and_random(trained_musicgen):
+    out, _ = trained_musicgen
+    command = [sys.executable, str(ROOT / "benchmarks" / "tiny_musicgen_quality.py"), str(out), "--clips", "4", "--guidance-scales", "1", "3"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in ("trained", "random"):
+        assert f"{name} codec: log-mel L1" in result.stdout
+        assert f"{name} conditioning: pitch_accuracy@1" in result.stdout and "pitch_accuracy@3" in result.stdout
+    assert "centroid_bright_hz" in result.stdout
 
 
 def test_tensor_memory_counts_live_storages_once_and_releases_freed_ones():
