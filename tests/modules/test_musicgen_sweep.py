@@ -1,6 +1,8 @@
 """MusicGenSweepModule: strength sweeps of a MusicGen decoder LoRA; strength 0 is exactly the base model; the tiny config end to end."""
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from rlmusic_pl.modules import MusicGenSweepModule, SweepError
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_CONFIG = ROOT / "configs" / "tiny" / "musicgen_sweep.yaml"
+TINY_MUSICRL = ROOT / "configs" / "tiny" / "musicrl_clap.yaml"
 FAST = dict(backbone="tiny", text_length=16, duration_s=0.2, top_k=8)
 
 
@@ -98,3 +101,18 @@ def test_every_argument_is_documented_in_the_help(capsys, monkeypatch):
         main(["predict", "--config", str(TINY_CONFIG), "--model.help", "rlmusic_pl.modules.MusicGenSweepModule"])
     out = capsys.readouterr().out
     assert "--model.strengths" in out and undocumented_options(out, "--model.") == {}
+
+
+@pytest.mark.slow
+def test_the_adapter_of_the_tiny_musicrl_fit_sweeps_from_the_command_line(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    common = ["--trainer.enable_progress_bar=false", "--model.duration_s=0.2"]
+    fit = [sys.executable, "-m", "rlmusic_pl", "fit", "--config", str(TINY_MUSICRL), f"--trainer.default_root_dir={tmp_path / 'fit'}",
+           "--trainer.max_epochs=1", f"--model.export_to={tmp_path / 'adapter'}", *common]
+    predict = [sys.executable, "-m", "rlmusic_pl", "predict", "--config", str(TINY_CONFIG), f"--trainer.default_root_dir={tmp_path / 'sweep'}",
+               f"--model.adapter={tmp_path / 'adapter'}", "--model.seeds=[0]", *common]
+    for command in (fit, predict):
+        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "sweep" / "sweep" / "table.json").read_text())
+    assert sorted(r["strength"] for r in rows) == [0.0, 0.0, 0.5, 0.5, 1.0, 1.0]  # 2 prompts x 1 seed x 3 strengths

@@ -37,7 +37,8 @@ def evaluate(reward: AestheticsReward, waves: torch.Tensor, sample_rate: int = S
 
 
 def test_without_the_package_the_error_names_the_extra(monkeypatch):
-    monkeypatch.setitem(sys.modules, "audiobox_aesthetics", None)  # import fails as if not installed
+    for module in ("audiobox_aesthetics", "audiobox_aesthetics.model", "audiobox_aesthetics.model.aes"):
+        monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed (even if it is, or was imported)
     with pytest.raises(MissingExtraError, match=r"rlmusic_pl\[aesthetics\]") as caught:
         AestheticsReward()
     assert isinstance(caught.value, RLMusicError) and isinstance(caught.value, ImportError)
