@@ -36,8 +36,8 @@ SETUP_FILES = ("config.yaml", "hparams.yaml", "metrics.csv", "events.out.tfevent
 
 
 DESCRIPTION = (
-    "rlmusic_pl: DDPO, concept-slider (Stage 1) and PPO scale-layer (Stage 2) training of AudioLDM2, and "
-    "attribute-strength sweeps (predict). Give a config: python -m rlmusic_pl fit --config configs/tiny/ddpo_clap.yaml. "
+    "rlmusic_pl: DDPO, concept-slider (Stage 1) and PPO scale-layer (Stage 2) training of AudioLDM2, preference "
+    "reward models (PreferenceRewardModule), and attribute-strength sweeps (predict). Give a config: python -m rlmusic_pl fit --config configs/tiny/ddpo_clap.yaml. "
     "Data commands: python -m rlmusic_pl prepare --help (audio folder -> log-mel features), "
     "python -m rlmusic_pl synthesize --help (synthetic contrasting sets), "
     "python -m rlmusic_pl make-preferences --help (a synthetic preference set labelled by a judge reward)."

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from rlmusic_pl.backbone.checkpointing import checkpoint_each
 from rlmusic_pl.backbone.conditioning import PromptConditioning, TextConditioning
-from rlmusic_pl.backbone.ddim import ddim_step_with_logprob
+from rlmusic_pl.backbone.ddim import ddim_step_distribution, ddim_step_with_logprob
 from rlmusic_pl.backbone.loading import BackboneLoadError, hub_load_error
 from rlmusic_pl.backbone.tiny import build_tiny_pipeline
 from rlmusic_pl.data.audio import AUDIOLDM_MEL, log_mel
@@ -236,6 +236,10 @@ class AudioLDM2Backbone(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """``ddim_step_with_logprob`` with this backbone's scheduler."""
         return ddim_step_with_logprob(self.scheduler, noise_pred, timestep, latents, eta, prev_latents, generator)
+
+    def ddim_distribution(self, noise_pred: Tensor, timestep: Tensor, latents: Tensor, eta: float) -> tuple[Tensor, Tensor]:
+        """``ddim_step_distribution`` (the step's mean and std) with this backbone's scheduler."""
+        return ddim_step_distribution(self.scheduler, noise_pred, timestep, latents, eta)
 
     @torch.no_grad()
     def sample(

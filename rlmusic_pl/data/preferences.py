@@ -247,7 +247,7 @@ class PreferencePairs:
 
 class PreferenceDataset(Dataset):
     """Pair items with their audio: each is the item plus ``chosen_audio`` and ``rejected_audio``
-    (Tensor [num_samples] at ``pairs.sample_rate``) and ``tie`` (a bool Tensor); ``chosen`` and
+    (Tensor [num_samples] at ``sample_rate``, the pairs' rate) and ``tie`` (a bool Tensor); ``chosen`` and
     ``rejected`` stay the files' paths (a key for caching anything derived from the clip)."""
 
     def __init__(self, items: list[PromptItem], pairs: PreferencePairs) -> None:
@@ -258,5 +258,5 @@ class PreferenceDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         item = self.items[index]
-        return {**item, "tie": torch.tensor(item["tie"]),
+        return {**item, "tie": torch.tensor(item["tie"]), "sample_rate": self.pairs.sample_rate,
                 "chosen_audio": self.pairs.audio(item["chosen"]), "rejected_audio": self.pairs.audio(item["rejected"])}

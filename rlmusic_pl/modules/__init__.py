@@ -1,4 +1,4 @@
-"""LightningModules: DDPO, Stage-1 slider, Stage-2 PPO scale layers and strength sweeps; the MusicGen base, MusicRL, MusicGen adapter sweeps and MusicRFM steering."""
+"""LightningModules: DDPO, Stage-1 slider, Stage-2 PPO scale layers and strength sweeps; the MusicGen base, MusicRL, MusicGen adapter sweeps and MusicRFM steering; the preference reward model."""
 
 from rlmusic_pl.gain_schedule import GainSchedule, load_gain_schedule
 from rlmusic_pl.modules.backbone_module import BackboneModule
@@ -7,6 +7,7 @@ from rlmusic_pl.modules.ddpo import DDPOModule
 from rlmusic_pl.modules.musicgen import MusicGenModule
 from rlmusic_pl.modules.musicgen_sweep import MusicGenSweepModule
 from rlmusic_pl.modules.musicrl import MusicRLModule
+from rlmusic_pl.modules.preference import PreferenceRewardModule
 from rlmusic_pl.modules.scale_ppo import ScalePPOModule
 from rlmusic_pl.modules.slider import AttributeProbe, SliderModule, generate_at_strengths
 from rlmusic_pl.modules.steering import SteeringModule
@@ -22,6 +23,7 @@ __all__ = [
     "MusicGenModule",
     "MusicGenSweepModule",
     "MusicRLModule",
+    "PreferenceRewardModule",
     "ScalePPOModule",
     "SliderModule",
     "SteeringModule",

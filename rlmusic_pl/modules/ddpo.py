@@ -7,7 +7,8 @@ Each training step is one DDPO epoch over a batch of prompts:
   3. turn rewards into advantages (per-prompt running statistics, per-group, or whole batch), with
      prompts and rewards gathered from every rank so all ranks compute identical statistics;
   4. ``inner_epochs`` passes of the clipped importance-ratio loss over a random ``timestep_fraction``
-     of each trajectory's steps, recomputing the guided noise prediction exactly as when sampling.
+     of each trajectory's steps, recomputing the guided noise prediction exactly as when sampling,
+     plus ``kl_coef`` times the closed-form KL of each trained step to the reference model's (DPOK).
 
 Optimisation is manual (the loss is accumulated over timesteps), so gradient accumulation and
 clipping are this module's arguments, not the Trainer's.
@@ -22,8 +23,9 @@ import torch
 from torch import Tensor
 
 from rlmusic_pl.backbone.conditioning import PromptConditioning
+from rlmusic_pl.backbone.ddim import gaussian_kl, gaussian_log_prob
 from rlmusic_pl.callbacks.samples import SampleBatch
-from rlmusic_pl.lora import lora_parameters
+from rlmusic_pl.lora import lora_parameters, lora_strength
 from rlmusic_pl.modules.base import AudioLDM2Module, CheckpointError, check_positive
 from rlmusic_pl.modules.ppo import clipped_surrogate
 from rlmusic_pl.modules.reward_rl import RewardRL
@@ -43,6 +45,16 @@ class Rollouts:
     waveforms: Tensor  # [B, T]
     rewards: RewardResult
     advantages: Tensor | None = None  # [B]
+
+
+@dataclass
+class StepTerms:
+    """The loss of one trained denoising step and what is logged of it."""
+
+    loss: Tensor  # clipped surrogate + kl_coef * kl_to_reference
+    approx_kl: Tensor  # 0.5 mean (log ratio)^2, against the sampling policy
+    clipfrac: Tensor
+    kl_to_reference: Tensor | None  # mean over the samples of the closed-form KL to the reference step; None: not computed
 
 
 class DDPOModule(RewardRL, AudioLDM2Module):
@@ -77,6 +89,15 @@ class DDPOModule(RewardRL, AudioLDM2Module):
             optimizer step. Replaces the Trainer's ``accumulate_grad_batches``.
         max_grad_norm: gradient norm clipping of the LoRA weights (0 disables). Replaces the Trainer's
             ``gradient_clip_val``.
+        kl_coef: weight of the KL to the reference model (the backbone with the LoRA switched off) in the
+            loss, as in DPOK. Per trained step both models' steps are Gaussians with the same sigma_t from
+            the same x_t, so the KL is closed-form: ``sum ||mu_theta - mu_ref||^2 / (2 sigma_t^2)``,
+            summed over the latent elements (so it grows with the clip's length) and averaged over the
+            minibatch's samples and the trained steps, like the surrogate; a whole trajectory's KL is
+            about ``num_steps`` times it. ``train/kl_to_reference`` is logged even at 0. Cost: one
+            extra gradient-free (guided) UNet pass per trained step when ``kl_coef > 0``; at 0 only
+            per minibatch (on its first trained step, a random one, so the logged mean is an unbiased,
+            noisier estimate of the same quantity).
         seed: seed of sampling noise and of the training shuffles (with the step and rank).
         **backbone_args: see ``AudioLDM2Module`` (backbone, LoRA rank/alpha/targets, ...).
     """
@@ -107,6 +128,7 @@ class DDPOModule(RewardRL, AudioLDM2Module):
         adam_eps: float = 1e-8,
         gradient_accumulation: int = 1,
         max_grad_norm: float = 1.0,
+        kl_coef: float = 0.0,
         seed: int = 0,
         **backbone_args,
     ) -> None:
@@ -116,6 +138,8 @@ class DDPOModule(RewardRL, AudioLDM2Module):
                         duration_s=duration_s, eta=eta, clip_range=clip_range)
         if not 0 < timestep_fraction <= 1:
             raise ValueError(f"timestep_fraction must be in (0, 1], got {timestep_fraction}")
+        if kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
         if advantage == "group" and samples_per_prompt < 2:
             raise ValueError("advantage='group' needs samples_per_prompt >= 2")
         self.automatic_optimization = False
@@ -187,7 +211,7 @@ class DDPOModule(RewardRL, AudioLDM2Module):
         trained_steps = max(1, int(steps * hp.timestep_fraction))
         scale = 1.0 / (hp.gradient_accumulation * trained_steps)
         self.backbone.set_timesteps(hp.num_steps)
-        history: dict[str, list[Tensor]] = {"loss": [], "approx_kl": [], "clipfrac": []}
+        history: dict[str, list[Tensor]] = {"loss": [], "approx_kl": [], "clipfrac": [], "kl_to_reference": []}
         minibatches = 0
         for _ in range(hp.inner_epochs):
             order = torch.randperm(batch, generator=generator).to(self.device)
@@ -196,10 +220,12 @@ class DDPOModule(RewardRL, AudioLDM2Module):
                 rows = order[start : start + hp.train_batch_size]
                 with self.no_gradient_sync():
                     for j in range(trained_steps):
-                        terms = self.step_loss(rollouts, rows, step_order[rows, j])
+                        terms = self.step_loss(rollouts, rows, step_order[rows, j], with_kl=hp.kl_coef > 0 or j == 0)
                         self.manual_backward(terms.loss * scale)
                         for name in history:
-                            history[name].append(getattr(terms, name).detach())
+                            value = getattr(terms, name)
+                            if value is not None:
+                                history[name].append(value.detach())
                 minibatches += 1
                 if minibatches % hp.gradient_accumulation == 0:
                     optimizer.step()
@@ -209,24 +235,44 @@ class DDPOModule(RewardRL, AudioLDM2Module):
             optimizer.zero_grad()
         return {name: torch.stack(values).mean() for name, values in history.items()}
 
-    def step_loss(self, rollouts: Rollouts, rows: Tensor, step_index: Tensor):
-        """The clipped surrogate of one denoising step for the samples ``rows`` (each its own step)."""
-        log_prob = self.step_log_prob(rollouts, rows, step_index)
-        return clipped_surrogate(log_prob, rollouts.log_probs[rows, step_index], rollouts.advantages[rows], self.hparams.clip_range)
+    def step_loss(self, rollouts: Rollouts, rows: Tensor, step_index: Tensor, with_kl: bool | None = None) -> StepTerms:
+        """The loss of one denoising step for the samples ``rows`` (each its own step): the clipped
+        surrogate, plus ``kl_coef`` times the KL to the reference, which is computed when ``with_kl``
+        (default: when ``kl_coef > 0``)."""
+        hp = self.hparams
+        distribution = self.step_distribution(rollouts, rows, step_index)
+        log_prob = self.step_log_prob(rollouts, rows, step_index, distribution)
+        terms = clipped_surrogate(log_prob, rollouts.log_probs[rows, step_index], rollouts.advantages[rows], hp.clip_range)
+        if with_kl is None:
+            with_kl = hp.kl_coef > 0
+        kl = self.kl_to_reference(rollouts, rows, step_index, *distribution).mean() if with_kl else None
+        loss = terms.loss + hp.kl_coef * kl if hp.kl_coef > 0 else terms.loss
+        return StepTerms(loss=loss, approx_kl=terms.approx_kl, clipfrac=terms.clipfrac, kl_to_reference=kl)
 
-    def step_log_prob(self, rollouts: Rollouts, rows: Tensor, step_index: Tensor) -> Tensor:
-        """Log-prob [len(rows)] of each sample's recorded step ``step_index`` under the current policy.
+    def step_distribution(self, rollouts: Rollouts, rows: Tensor, step_index: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and std of each sample's step ``step_index`` under the current network (see ``ddim_step_distribution``).
 
-        Before any update it equals the log-prob recorded while sampling: the guided noise prediction
-        is recomputed with each sample's own stored conditioning, negative and positive in sampling order.
+        The guided noise prediction is recomputed with each sample's own stored conditioning, negative
+        and positive in sampling order, exactly as when sampling.
         """
         hp = self.hparams
         latents = rollouts.latents[rows, step_index]
-        next_latents = rollouts.latents[rows, step_index + 1]
-        timesteps = rollouts.timesteps[step_index]
-        eps = self.backbone.predict_noise(latents, timesteps, rollouts.cond[rows.cpu()], hp.guidance_scale)
-        _, log_prob = self.backbone.ddim_step(eps, timesteps, latents, hp.eta, prev_latents=next_latents)
-        return log_prob
+        eps = self.backbone.predict_noise(latents, rollouts.timesteps[step_index], rollouts.cond[rows.cpu()], hp.guidance_scale)
+        return self.backbone.ddim_distribution(eps, rollouts.timesteps[step_index], latents, hp.eta)
+
+    def step_log_prob(self, rollouts: Rollouts, rows: Tensor, step_index: Tensor,
+                      distribution: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """Log-prob [len(rows)] of each sample's recorded step ``step_index`` under the current policy
+        (whose ``step_distribution`` may be given). Before any update it equals the log-prob recorded while sampling."""
+        mean, std = distribution if distribution is not None else self.step_distribution(rollouts, rows, step_index)
+        return gaussian_log_prob(rollouts.latents[rows, step_index + 1], mean, std)
+
+    def kl_to_reference(self, rollouts: Rollouts, rows: Tensor, step_index: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+        """KL [len(rows)] from the policy's step N(mean, std^2) to the reference's: the same x_t, conditioning
+        and sigma_t with the LoRA switched off (no gradient), ``sum ||mean - mean_ref||^2 / (2 std^2)`` over latent elements."""
+        with torch.no_grad(), lora_strength(self.backbone.unet, 0.0):
+            reference_mean, _ = self.step_distribution(rollouts, rows, step_index)
+        return gaussian_kl(mean, reference_mean, std)
 
     # --------------------------------------------------------------------------- evaluation
     def validation_step(self, batch: dict, batch_idx: int) -> dict:

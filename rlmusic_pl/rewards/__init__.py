@@ -5,7 +5,9 @@ from rlmusic_pl.rewards.base import CallableReward, Reward, RewardError, RewardR
 from rlmusic_pl.rewards.clap import CLAPReward
 from rlmusic_pl.rewards.combined import WeightedReward
 from rlmusic_pl.rewards.emotion import EmotionReward
+from rlmusic_pl.rewards.encoders import AudioTextEncoder, CLAPEncoder, MelStatisticsEncoder
 from rlmusic_pl.rewards.pitch import PitchClassReward
+from rlmusic_pl.rewards.preference import PreferenceReward
 from rlmusic_pl.rewards.simple import BandEnergyReward, LoudnessReward, SpectralCentroidReward, SpectralFluxReward
 from rlmusic_pl.rewards.stability import (
     AttributeMonotonicityReward,
@@ -18,12 +20,16 @@ from rlmusic_pl.rewards.tempo import TempoReward
 
 __all__ = [
     "AestheticsReward",
+    "AudioTextEncoder",
     "BandEnergyReward",
+    "CLAPEncoder",
     "CLAPReward",
     "CallableReward",
     "EmotionReward",
     "LoudnessReward",
+    "MelStatisticsEncoder",
     "PitchClassReward",
+    "PreferenceReward",
     "Reward",
     "RewardError",
     "RewardResult",

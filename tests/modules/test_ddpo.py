@@ -13,7 +13,7 @@ from lightning import Callback, Trainer
 from policy_identity import SampledBatch, check_policy_identity
 from rlmusic_pl.data import PromptAttributeDataModule
 from rlmusic_pl.data.audio import OutputPathError
-from rlmusic_pl.lora import lora_parameters
+from rlmusic_pl.lora import lora_parameters, lora_strength
 from rlmusic_pl.modules import CheckpointError, DDPOModule
 from rlmusic_pl.rewards import CallableReward, EmotionReward, Reward, RewardError, SpectralCentroidReward
 
@@ -50,8 +50,8 @@ class ReplayDDPO(DDPOModule):
     def sample_rollouts(self, batch, generator):
         return super().sample_rollouts(batch, generator) if self.replay is None else self.replay
 
-    def step_log_prob(self, rollouts, rows, step_index):
-        log_prob = super().step_log_prob(rollouts, rows, step_index)
+    def step_log_prob(self, rollouts, rows, step_index, distribution=None):
+        log_prob = super().step_log_prob(rollouts, rows, step_index, distribution)
         assert self.recomputed[rows, step_index].isnan().all(), "a step was trained twice before the optimizer step"
         self.recomputed[rows, step_index] = log_prob.detach()
         return log_prob
@@ -264,3 +264,50 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert inner_calls == [1, 2]  # recomputed in the backward pass
     assert gradients[0].abs().sum() > 0
     torch.testing.assert_close(gradients[1], gradients[0], rtol=1e-4, atol=1e-7)
+
+
+def test_kl_to_reference_equals_a_hand_computation_and_is_zero_for_a_fresh_lora():
+    module = DDPOModule(SpectralCentroidReward(), kl_coef=0.5, **{**TINY, "eta": 0.7})
+    module.configure_model()
+    batch = {"prompt": ["a happy piano", "a sad piano"], "negative_prompt": ["noise"] * 2, "attributes": [{}, {}]}
+    rollouts = module.sample_rollouts(batch, torch.Generator().manual_seed(0))
+    rollouts.advantages = torch.zeros(4)  # the surrogate is then 0: the loss is the KL term alone
+    scheduler = module.backbone.scheduler
+    scheduler.set_timesteps(module.hparams.num_steps)
+    rows, steps = torch.arange(4), torch.tensor([0, 1, 2, 1])
+    fresh = module.step_loss(rollouts, rows, steps)
+    assert fresh.kl_to_reference == 0 and fresh.loss == 0  # LoRA B starts at 0: the policy is the reference
+
+    generator = torch.Generator().manual_seed(1)
+    for param in lora_parameters(module.backbone.unet):
+        param.data = 0.2 * torch.randn(param.shape, generator=generator)
+    terms = module.step_loss(rollouts, rows, steps)
+    by_hand = []
+    for row, step in zip(rows.tolist(), steps.tolist()):
+        x_t, t = rollouts.latents[row : row + 1, step], rollouts.timesteps[step]
+        a_t = scheduler.alphas_cumprod[t]
+        prev = t - 1000 // module.hparams.num_steps
+        a_prev = scheduler.alphas_cumprod[prev] if prev >= 0 else scheduler.final_alpha_cumprod
+        sigma = 0.7 * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+        means = []
+        for strength in (1.0, 0.0):
+            with torch.no_grad(), lora_strength(module.backbone.unet, strength):
+                eps = module.backbone.predict_noise(x_t, t, rollouts.cond[[row]], module.hparams.guidance_scale)
+            x0 = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+            means.append(a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).sqrt() * eps)
+        by_hand.append(((means[0] - means[1]) ** 2).sum() / (2 * sigma**2))
+    by_hand = torch.stack(by_hand)
+    assert by_hand.min() > 0
+    torch.testing.assert_close(terms.kl_to_reference, by_hand.mean(), rtol=1e-4, atol=0)
+    torch.testing.assert_close(terms.loss, 0.5 * by_hand.mean(), rtol=1e-4, atol=0)
+    terms.loss.backward()  # the KL pulls the LoRA back: it has a gradient (the reference pass has none)
+    assert sum(p.grad.abs().sum() for p in lora_parameters(module.backbone.unet)) > 0
+
+
+@pytest.mark.parametrize("kl_coef", [0.0, 0.1])
+def test_kl_to_reference_is_logged_whatever_its_weight(tmp_path, kl_coef):
+    module = DDPOModule(SpectralCentroidReward(), kl_coef=kl_coef, **{**TINY, "inner_epochs": 2})
+    run = trainer(tmp_path, 1, enable_checkpointing=False)
+    run.fit(module, data())
+    kl = run.callback_metrics["train/kl_to_reference"]
+    assert torch.isfinite(kl) and kl > 0  # the second inner epoch trains a LoRA the first one moved
