@@ -1,4 +1,4 @@
-"""Benchmark scripts that other benchmarks and configs depend on: the trained tiny backbone, the memory counter."""
+"""Benchmark scripts that other benchmarks and configs depend on: the trained tiny backbone, the memory counter; the DPO speed script runs."""
 
 import os
 import subprocess
@@ -91,3 +91,10 @@ def test_tensor_memory_does_not_count_views_of_tensors_made_before_it():
         y = torch.nn.functional.linear(x, weight)
     assert memory.peak == y.untyped_storage().nbytes() == 4 * 256 * 4
     del transposed
+
+
+def test_dpo_speed_runs_both_sides_and_reports_the_ratio():
+    command = [sys.executable, str(ROOT / "benchmarks" / "dpo_speed.py"), "--repeats", "1", "--pairs", "1", "--duration", "0.5"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "1 pairs of 0.5 s clips" in result.stdout and "ratio" in result.stdout
