@@ -24,7 +24,6 @@ import contextlib
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -36,19 +35,7 @@ from rlmusic_pl.modules.slider import noised_pair
 from rlmusic_pl.rewards import SpectralCentroidReward
 
 sys.path.insert(0, str(Path(__file__).parent))
-
-
-def synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed(fn) -> float:
-    synchronize()
-    start = time.perf_counter()
-    fn()
-    synchronize()
-    return time.perf_counter() - start
+from ddpo_speed import timed  # noqa: E402
 
 
 def main() -> None:
