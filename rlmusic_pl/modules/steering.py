@@ -58,7 +58,8 @@ class SteeringModule(MusicGenSweepPredictor, MusicGenModule):
         pooling: pooling of each layer's output over time: ``mean`` (notes), ``last`` (tempo) or ``max``.
         n_components: eigenvectors kept per layer and concept (RFM).
         probe_layers: decoder layers to probe (default: all).
-        val_fraction: share of the labelled clips held out (stratified by class) to choose and score the probes.
+        probe_val_fraction: share of the labelled clips held out (stratified by class) to choose and score the probes
+            (not ``val_fraction``: a prompt data module's argument of that name would clash in the logged hyperparameters).
         search_trials: random-search trials of the RFM hyperparameters per layer (reg, bandwidth, exponent, centring).
         rfm_iters: RFM iterations per trial (early-stopped on validation).
         linear_regularisation: L2 strength of the linear probe.
@@ -101,7 +102,7 @@ class SteeringModule(MusicGenSweepPredictor, MusicGenModule):
         pooling: str = "mean",
         n_components: int = 1,
         probe_layers: list[int] | None = None,
-        val_fraction: float = 0.25,
+        probe_val_fraction: float = 0.25,
         search_trials: int = 8,
         rfm_iters: int = 30,
         linear_regularisation: float = 1.0,
@@ -135,8 +136,8 @@ class SteeringModule(MusicGenSweepPredictor, MusicGenModule):
                                      ("steer_rows", steer_rows, ("both", "conditional"))):
             if value not in allowed:
                 raise SteeringError(f"{name} must be one of {allowed}, got {value!r}")
-        if not 0.0 < val_fraction < 1.0:
-            raise ProbeError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        if not 0.0 < probe_val_fraction < 1.0:
+            raise ProbeError(f"probe_val_fraction must be in (0, 1), got {probe_val_fraction}")
         if not 0.0 <= inject_chance <= 1.0:
             raise SteeringError(f"inject_chance must be in [0, 1], got {inject_chance}")
         check_positive(SweepError, duration_s=duration_s, sample_batch_size=sample_batch_size, n_components=n_components)
@@ -185,7 +186,7 @@ class SteeringModule(MusicGenSweepPredictor, MusicGenModule):
         if not self._activations:
             raise ProbeError("the concept data module yielded no clips")
         activations = torch.cat(self._activations)
-        val_mask = stratified_split(self._labels, self.hparams.val_fraction, self.hparams.split_seed, self.hparams.task == "regression")
+        val_mask = stratified_split(self._labels, self.hparams.probe_val_fraction, self.hparams.split_seed, self.hparams.task == "regression")
         methods = [self.hparams.method] + (["linear"] if self.hparams.compare_linear and self.hparams.method == "rfm" else [])
         layers = self.hparams.probe_layers or list(range(len(decoder_layers(self.backbone))))
         label = getattr(self.trainer.datamodule, "label", "label") if self._trainer is not None else "label"
