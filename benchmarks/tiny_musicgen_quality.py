@@ -11,7 +11,9 @@ codebooks to zero, so the random codec maps every clip to one code):
 3. Conditioning: each held-out label's prompt ("a dull F# note") is sampled (temperature 1, no top-k,
    one generator per sample) at each guidance scale; the decoded audio's strongest pitch class is
    compared with the prompt's (``PitchClassReward(hard=True)``; chance 1/12). And brightness: the
-   spectral centroid of the samples of "bright" prompts against that of "dull" prompts.
+   spectral centroid of the samples of "bright" prompts against that of "dull" prompts (each held-out
+   pitch class and octave both ways, at the largest guidance scale), beside the centroids of the
+   held-out clips and of their codec round trips.
 
     python benchmarks/tiny_musicgen_quality.py runs/tiny-musicgen-trained
 """
@@ -49,7 +51,14 @@ def perplexity(codes: Tensor, codebook_size: int) -> float:
     return torch.exp(-(share * share.clamp(min=1e-12).log()).sum()).item()
 
 
-def codec_quality(backbone: MusicGenBackbone, waves: Tensor, labels: list[NoteLabel]) -> dict[str, float | list[float]]:
+def centroids_by_brightness(waves: Tensor, sample_rate: int, labels: list[NoteLabel]) -> str:
+    """Mean spectral centroid (Hz) of the bright and of the dull clips, as "bright / dull"."""
+    centroid = SpectralCentroidReward(normalize=False)(waves, sample_rate, [], [])
+    means = [centroid[torch.tensor([label.brightness == side for label in labels])].mean().item() for side in (POSITIVE, NEGATIVE)]
+    return " / ".join(f"{mean:.0f}" for mean in means)
+
+
+def codec_quality(backbone: MusicGenBackbone, waves: Tensor, labels: list[NoteLabel]) -> dict[str, float | list[float] | str]:
     codes = backbone.encode_audio(waves)
     reconstruction = backbone.decode(codes)[:, : waves.shape[1]]
     config = mel_config(backbone.sample_rate)
@@ -58,6 +67,7 @@ def codec_quality(backbone: MusicGenBackbone, waves: Tensor, labels: list[NoteLa
         "log_mel_l1": (log_mel(reconstruction, config) - log_mel(waves, config)).abs().mean().item(),
         "pitch_accuracy": (estimate_pitch_class(reconstruction, backbone.sample_rate) == target).float().mean().item(),
         "perplexity": [perplexity(codes[:, k], backbone.codebook_size) for k in range(backbone.num_codebooks)],
+        "centroids": centroids_by_brightness(reconstruction, backbone.sample_rate, labels),
     }
 
 
@@ -78,13 +88,10 @@ def conditioning_quality(backbone: MusicGenBackbone, labels: list[NoteLabel], du
     for scale in scales:
         audio = generate(backbone, prompts, duration, scale, seed)
         results[f"pitch_accuracy@{scale:g}"] = accuracy(audio, backbone.sample_rate, prompts, attributes).mean().item()
-    centroid = SpectralCentroidReward(normalize=False)
-    brightness = {}
-    for side in (POSITIVE, NEGATIVE):
-        sided = [NoteLabel(label.pitch_class, label.octave, side) for label in labels]
-        audio = generate(backbone, [label.prompt() for label in sided], duration, max(scales), seed)
-        brightness[side] = centroid(audio, backbone.sample_rate, [], []).mean().item()
-    results["centroid_bright_hz"], results["centroid_dull_hz"] = brightness[POSITIVE], brightness[NEGATIVE]
+    # Every held-out pitch class and octave once as "bright" and once as "dull".
+    sided = [NoteLabel(label.pitch_class, label.octave, side) for side in (POSITIVE, NEGATIVE) for label in labels]
+    audio = generate(backbone, [label.prompt() for label in sided], duration, max(scales), seed)
+    results[f"centroid bright / dull (Hz)@{max(scales):g}"] = centroids_by_brightness(audio, backbone.sample_rate, sided)
     return results
 
 
@@ -105,14 +112,15 @@ def main() -> None:
     models = {"trained": MusicGenBackbone.load(args.trained), "random": build_untrained(args.baseline_seed)}
     sample_rate = models["trained"].sample_rate
     waves, labels = labelled_notes(args.clips, args.duration, seed=args.seed, sample_rate=sample_rate)
-    print(f"{args.clips} held-out clips (seed {args.seed}) of {args.duration} s at {sample_rate} Hz; chance pitch accuracy {1 / 12:.3f}")
+    print(f"{args.clips} held-out clips (seed {args.seed}) of {args.duration} s at {sample_rate} Hz; chance pitch accuracy {1 / 12:.3f}; "
+          f"centroid bright / dull (Hz) {centroids_by_brightness(waves, sample_rate, labels)}")
     for name, backbone in models.items():
         codec = codec_quality(backbone, waves, labels)
         perplexities = " / ".join(f"{p:.1f}" for p in codec["perplexity"])
         print(f"{name} codec: log-mel L1 {codec['log_mel_l1']:.3f}, reconstruction pitch accuracy {codec['pitch_accuracy']:.3f}, "
-              f"perplexity per codebook {perplexities} (of {backbone.codebook_size})")
+              f"perplexity per codebook {perplexities} (of {backbone.codebook_size}), centroid bright / dull (Hz) {codec['centroids']}")
         conditioning = conditioning_quality(backbone, labels, args.duration, args.guidance_scales, args.seed)
-        print(f"{name} conditioning: " + ", ".join(f"{key} {value:.3f}" if "accuracy" in key else f"{key} {value:.0f}"
+        print(f"{name} conditioning: " + ", ".join(f"{key} {value:.3f}" if isinstance(value, float) else f"{key} {value}"
                                                      for key, value in conditioning.items()), flush=True)
 
 

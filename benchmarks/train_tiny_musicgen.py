@@ -20,7 +20,7 @@ into a small working text-to-music model on single notes from ``rlmusic_pl.data.
 
 The result is a directory (``save_pretrained`` of the model and the processor) that
 ``MusicGenBackbone.load(OUT)`` and ``backbone: OUT`` load like any other. Seeded by ``--seed``;
-about 15 minutes on one thread with the defaults. ``benchmarks/tiny_musicgen_quality.py`` measures it.
+about 10 minutes on one thread with the defaults. ``benchmarks/tiny_musicgen_quality.py`` measures it.
 
     python benchmarks/train_tiny_musicgen.py runs/tiny-musicgen-trained
 """
