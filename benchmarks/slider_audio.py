@@ -14,7 +14,8 @@ slider switched on after ``--start-fraction`` of the steps) and prints:
 
 With ``--stage2 DIR`` it also sweeps [0, 1] on ``--grid`` strengths with the slider and with the
 Stage-2 adapter and prints the audio centroid's linearity (R², largest neighbouring jump over the
-range, range) for both.
+range, range) for both, and the spread over rollouts of the mel-SSIM stability reward, absolute and
+relative (``SpectralStabilityReward(relative=True)``).
 
     python benchmarks/train_tiny_backbone.py runs/tiny-trained
     python benchmarks/slider_audio.py --backbone runs/tiny-trained
@@ -40,7 +41,7 @@ from rlmusic_pl.data.synthetic import NEGATIVE, POSITIVE
 from rlmusic_pl.gain_schedule import load_gain_schedule
 from rlmusic_pl.lora import load_lora
 from rlmusic_pl.modules.slider import generate_at_strengths
-from rlmusic_pl.rewards.stability import linearity
+from rlmusic_pl.rewards.stability import SpectralStabilityReward, StrengthSweep, linearity
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from brightness_chain import audio_centroid, contrast_audio, mel_centroid  # noqa: E402
@@ -110,11 +111,16 @@ def report_slider(args: argparse.Namespace, slider: str) -> dict[str, float]:
 def report_linearity(args: argparse.Namespace, slider: str, stage2: str) -> None:
     strengths = torch.linspace(0, 1, args.grid)
     print(f"audio centroid against strength on [0, 1] ({args.grid} strengths), means over (prompt, seed)")
-    print(f"{'':8s} {'R2':>7s} {'max jump':>9s} {'range':>7s}   (even rise: R2 1, max jump {1 / (args.grid - 1):.3f})")
+    print(f"and the stability reward (sigma {args.sigma}) per rollout, mean (std): absolute and relative to the rollout's own SSIM drop")
+    print(f"{'':8s} {'R2':>7s} {'max jump':>9s} {'range':>7s} {'absolute':>16s} {'relative':>16s}   (even rise: R2 1, max jump {1 / (args.grid - 1):.3f})")
+    rewards = {kind: SpectralStabilityReward(sigma=args.sigma, relative=kind == "relative") for kind in ("absolute", "relative")}
     for name, adapter in (("Stage 1", slider), ("Stage 2", stage2)):
-        audio, _, _ = sweep(load(args, adapter), strengths.tolist(), args)
+        backbone = load(args, adapter)
+        audio, _, waves = sweep(backbone, strengths.tolist(), args)
         r2, max_jump = linearity(audio, strengths)
-        print(f"{name:8s} {r2.mean():7.4f} {max_jump.mean():9.4f} {(audio[-1] - audio[0]).mean():7.4f}")
+        stability = {kind: reward.evaluate(StrengthSweep(waves, strengths, backbone.sample_rate)).total for kind, reward in rewards.items()}
+        spreads = "".join(f" {v.mean():8.4f} ({v.std():.4f})" for v in stability.values())
+        print(f"{name:8s} {r2.mean():7.4f} {max_jump.mean():9.4f} {(audio[-1] - audio[0]).mean():7.4f}{spreads}")
 
 
 def main() -> None:
@@ -130,6 +136,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[101, 102, 103], help="noise seeds training never draws")
     parser.add_argument("--strengths", nargs="+", type=float, default=[-1.0, -0.5, 0.0, 0.5, 1.0])
     parser.add_argument("--grid", type=int, default=9, help="strengths from 0 to 1 for the linearity (with --stage2)")
+    parser.add_argument("--sigma", type=float, default=0.2, help="tolerance of the stability rewards reported with --stage2")
     parser.add_argument("--num-steps", type=int, default=10)
     parser.add_argument("--guidance-scale", type=float, default=3.5)
     parser.add_argument("--start-fraction", type=float, default=0.0, help="fraction of the steps run before the slider is switched on")
