@@ -7,14 +7,17 @@ random vocoder imposes its own spectrum, so no policy moves an audio reward much
 working text-to-audio model on synthetic data (``rlmusic_pl.data.synthetic``: notes of random
 pitch, timing and brightness):
 
-1. the vocoder learns mel -> waveform (L1 between the log-mels of its output and of the clip);
+1. the vocoder learns mel -> waveform (L1 between the log-mels of its output and of the clip, plus a
+   linear-magnitude term; a HiFi-GAN of 32 channels with V1's dilations 1, 3, 5): with the log-mel
+   L1 alone and 16 channels it rendered bright and dull mels at the same audio centroid
+   (``benchmarks/brightness_chain.py``), so nothing that moved the latents could move the audio's brightness;
 2. the VAE learns to auto-encode the log-mels; its scaling factor is set so latents have unit std;
 3. the UNet learns to predict the noise of noised latents (DDPM objective, the scheduler's betas),
    conditioned on prompts unrelated to the audio (and the empty prompt 10% of the time).
 
 The result is a diffusers directory that ``AudioLDM2Backbone.load(OUT)``, ``DDPOModule(backbone=OUT)``
 and ``benchmarks/ddpo_learning.py --backbone OUT`` load like any other checkpoint. Seeded by
-``--seed``; about 11 minutes on 2 CPU cores with the defaults.
+``--seed``; about 13 minutes on 2 CPU cores with the defaults.
 
     python benchmarks/train_tiny_backbone.py runs/tiny-trained
 """
@@ -31,7 +34,7 @@ import torch
 from torch import Tensor
 
 from rlmusic_pl.backbone.audioldm2 import AudioLDM2Backbone
-from rlmusic_pl.backbone.tiny import build_tiny_pipeline
+from rlmusic_pl.backbone.tiny import build_tiny_pipeline, tiny_vocoder
 from rlmusic_pl.data.audio import atomic_directory_write, log_mel
 from rlmusic_pl.data.synthetic import note_plan, render_notes
 
@@ -40,6 +43,7 @@ PROMPTS = [
     "a sad cello", "a tender harp", "an upbeat organ", "a gentle melody", "a dark synth", "a lively tune",
 ]
 UNCONDITIONAL_FRACTION = 0.1
+STAGES = ("vocoder", "vae", "unet")
 
 
 def synthetic_clips(count: int, duration_s: float, seed: int) -> Tensor:
@@ -76,13 +80,17 @@ def batch_of(data: Tensor, batch_size: int, generator: torch.Generator) -> Tenso
     return data[torch.randint(len(data), (batch_size,), generator=generator)]
 
 
-def train_vocoder(backbone: AudioLDM2Backbone, waves: Tensor, mels: Tensor, steps: int, batch_size: int, seed: int) -> None:
+def train_vocoder(backbone: AudioLDM2Backbone, waves: Tensor, mels: Tensor, steps: int, batch_size: int, linear_weight: float, seed: int) -> None:
     vocoder = backbone.vocoder.train().requires_grad_(True)
 
     def loss(generator: torch.Generator) -> Tensor:
         index = torch.randint(len(waves), (batch_size,), generator=generator)
-        output = vocoder(mels[index])[:, : waves.shape[1]]
-        return (log_mel(output) - log_mel(waves[index])).abs().mean()
+        output, target = log_mel(vocoder(mels[index])[:, : waves.shape[1]]), log_mel(waves[index])
+        # The log-mel L1 weighs every band alike, so quiet bands (most of a dull clip) cost as much as
+        # loud ones; the linear-magnitude term (spectral convergence) weighs them by energy, as the
+        # spectral centroid does.
+        linear = (output.exp() - target.exp()).norm() / target.exp().norm()
+        return (output - target).abs().mean() + linear_weight * linear
 
     train("vocoder", list(vocoder.parameters()), loss, steps, 2e-3, seed)
     vocoder.eval().requires_grad_(False)
@@ -137,10 +145,21 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=512, help="synthetic training clips")
     parser.add_argument("--duration", type=float, default=1.0, help="seconds per clip")
     parser.add_argument("--vocoder-steps", type=int, default=1500, help="vocoder training steps")
+    parser.add_argument("--vocoder-channels", type=int, default=32, help="vocoder channels after its input convolution (halved by each upsampling)")
+    parser.add_argument("--vocoder-dilations", type=int, nargs="+", default=[1, 3, 5], help="dilations of the vocoder's residual block (HiFi-GAN V1: 1 3 5)")
+    parser.add_argument(
+        "--vocoder-linear-weight", type=float, default=4.0,
+        help="weight of the vocoder's linear-magnitude loss (mel spectral convergence) beside the log-mel L1",
+    )
     parser.add_argument("--vae-steps", type=int, default=1000, help="VAE training steps")
     parser.add_argument("--unet-steps", type=int, default=2000, help="UNet training steps")
     parser.add_argument("--batch-size", type=int, default=16, help="clips per training step")
     parser.add_argument("--kl-weight", type=float, default=1e-4, help="weight of the VAE's KL term")
+    parser.add_argument(
+        "--init", default=None,
+        help="start from this pipeline directory instead of random tiny weights (with --stages, to retrain one part)",
+    )
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="what to train, in this order")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random initial weights, the data and the batches")
     parser.add_argument(
         "--threads", type=int, default=min(2, os.cpu_count() or 1),
@@ -151,15 +170,21 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.manual_seed(args.seed)
 
-    backbone = AudioLDM2Backbone(build_tiny_pipeline(args.seed))
+    backbone = AudioLDM2Backbone.load(args.init) if args.init else AudioLDM2Backbone(build_tiny_pipeline(args.seed))
     waves = synthetic_clips(args.clips, args.duration, args.seed)
     mels = log_mel(waves)
     frames = backbone.latent_shape(args.duration)[1] * backbone.vae_scale_factor
     mels = torch.nn.functional.pad(mels, (0, 0, 0, frames - mels.shape[1]), value=mels.min().item())
     print(f"{args.clips} clips of {args.duration} s; log-mel {tuple(mels.shape[1:])}")
-    train_vocoder(backbone, waves, mels, args.vocoder_steps, args.batch_size, args.seed)
-    train_vae(backbone, mels, args.vae_steps, args.batch_size, args.kl_weight, args.seed)
-    train_unet(backbone, mels, args.unet_steps, args.batch_size, args.seed)
+    if "vocoder" in args.stages:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)
+            backbone.pipeline.vocoder = backbone.vocoder = tiny_vocoder(args.vocoder_channels, tuple(args.vocoder_dilations))
+        train_vocoder(backbone, waves, mels, args.vocoder_steps, args.batch_size, args.vocoder_linear_weight, args.seed)
+    if "vae" in args.stages:
+        train_vae(backbone, mels, args.vae_steps, args.batch_size, args.kl_weight, args.seed)
+    if "unet" in args.stages:
+        train_unet(backbone, mels, args.unet_steps, args.batch_size, args.seed)
     # Built beside the output and swapped in, so a failed run never leaves half a model.
     atomic_directory_write(args.out, backbone.pipeline.save_pretrained)
     print(f"wrote {args.out}")

@@ -44,6 +44,41 @@ def test_train_tiny_backbone_writes_a_loadable_trained_pipeline(trained_backbone
     assert {p.stat().st_mode & 0o777 for p in directories} == {0o777 & ~UMASK}, "directories keep mkdtemp's owner-only mode"
 
 
+def test_train_tiny_backbone_retrains_only_the_named_stages_of_an_existing_model(trained_backbone, tmp_path):
+    out, _ = trained_backbone
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "train_tiny_backbone.py"), str(tmp_path / "revoiced"), "--init", str(out),
+        "--stages", "vocoder", "--clips", "4", "--batch-size", "2", "--vocoder-steps", "2", "--vocoder-channels", "8",
+        "--vocoder-linear-weight", "1", "--threads", "1",
+    ]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "vae step" not in result.stdout and "unet step" not in result.stdout
+    before, after = AudioLDM2Backbone.load(str(out)), AudioLDM2Backbone.load(str(tmp_path / "revoiced"))
+    assert after.vocoder.config.upsample_initial_channel == 8
+    for name in ("vae", "unet"):
+        for a, b in zip(getattr(before, name).parameters(), getattr(after, name).parameters()):
+            assert torch.equal(a, b), f"{name} changed although only the vocoder was retrained"
+
+
+def test_slider_audio_trains_the_slider_and_reports_the_audio_figures(trained_backbone, tmp_path):
+    out, _ = trained_backbone
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "slider_audio.py"), "--backbone", str(out), "--export-to", str(tmp_path / "slider"),
+        "--root-dir", str(tmp_path / "run"), "--sets", str(tmp_path / "sets"), "--count", "2", "--prompts", "a soft flute",
+        "--seeds", "5", "--num-steps", "2", "--stage2", str(tmp_path / "slider"), "--grid", "3",
+        "--fit-args", f"--data.init_args.contrast.init_args.directory={tmp_path / 'sets'}", "--data.init_args.contrast.init_args.count=2",
+        "--trainer.max_epochs=1", "--trainer.check_val_every_n_epoch=1", "--model.val_num_steps=2",
+    ]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "slider" / "pytorch_lora_weights.safetensors").is_file()
+    for line in ("minus s=-1", "bright - dull training sets", "monotone in strength", "Stage 2"):
+        assert line in result.stdout, result.stdout
+    base_diff = float(result.stdout.split("largest waveform difference ")[1].split()[0])
+    assert base_diff < 1e-4, "the unsteered output (s = 0) is not the base model's"
+
+
 @pytest.mark.slow
 def test_the_learning_config_fits_on_a_trained_backbone_directory(trained_backbone, tmp_path):
     out, _ = trained_backbone

@@ -89,12 +89,13 @@ def tiny_vae() -> AutoencoderKL:
     )
 
 
-def tiny_vocoder() -> SpeechT5HifiGan:
+def tiny_vocoder(channels: int = 16, resblock_dilations: tuple[int, ...] = (1,)) -> SpeechT5HifiGan:
+    """A small HiFi-GAN: ``channels`` after the input convolution, halved by each of the three upsamplings."""
     # Upsampling rates multiply to the mel hop of 160 samples at 16 kHz.
     vocoder = SpeechT5HifiGan(
         SpeechT5HifiGanConfig(
-            model_in_dim=64, sampling_rate=16000, upsample_initial_channel=16, upsample_rates=[5, 4, 8],
-            upsample_kernel_sizes=[10, 8, 16], resblock_kernel_sizes=[3], resblock_dilation_sizes=[[1]],
+            model_in_dim=64, sampling_rate=16000, upsample_initial_channel=channels, upsample_rates=[5, 4, 8],
+            upsample_kernel_sizes=[10, 8, 16], resblock_kernel_sizes=[3], resblock_dilation_sizes=[list(resblock_dilations)],
             normalize_before=False,
         )
     )

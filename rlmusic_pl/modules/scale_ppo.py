@@ -35,6 +35,7 @@ import contextlib
 import itertools
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -48,6 +49,7 @@ from rlmusic_pl.modules.base import AudioLDM2Module, CheckpointError, check_posi
 from rlmusic_pl.modules.ppo import clipped_surrogate
 from rlmusic_pl.modules.slider import AttributeProbe, attribute_probe_from, generate_at_strengths
 from rlmusic_pl.rewards.base import RewardResult
+from rlmusic_pl.rewards.simple import SpectralCentroidReward
 from rlmusic_pl.rewards.stability import (
     AttributeMonotonicityReward,
     SpectralStabilityReward,
@@ -109,7 +111,14 @@ class ScalePPOModule(AudioLDM2Module):
         conditioning: what the gain multipliers depend on: ``none``, ``strength`` or ``strength_step``.
         per_channel: one multiplier per output channel (else one per LoRA layer).
         beta: exponent of the stability reward's SSIM target curve ``s**beta``.
-        sigma: tolerance of the stability reward's Gaussian score (SSIM units).
+        sigma: tolerance of the stability reward's Gaussian score (SSIM units; with
+            ``relative_stability``, fractions of each rollout's own SSIM drop).
+        relative_stability: score each rollout's SSIM drop relative to its own total drop
+            (``SpectralStabilityReward(relative=True)``): informative when the slider changes the mel
+            little, where the absolute score is ~1 for every rollout.
+        attribute: what the monotonicity reward measures: ``probe`` (the slider's latent
+            ``AttributeProbe``) or ``centroid`` (the decoded audio's spectral centroid, for a
+            brightness slider whose audio should rise evenly).
         stability_weight: weight of the spectral-temporal stability reward.
         monotonicity_weight: weight of the attribute-monotonicity reward.
         init_std: initial standard deviation of the Gaussian policy (per coefficient).
@@ -141,6 +150,8 @@ class ScalePPOModule(AudioLDM2Module):
         per_channel: bool = False,
         beta: float = 1.0,
         sigma: float = 0.1,
+        relative_stability: bool = False,
+        attribute: Literal["probe", "centroid"] = "probe",
         stability_weight: float = 1.0,
         monotonicity_weight: float = 1.0,
         init_std: float = 0.1,
@@ -166,14 +177,17 @@ class ScalePPOModule(AudioLDM2Module):
             raise ValueError(f"rollouts_per_prompt must be even and >= 2 (mirrored pairs), got {rollouts_per_prompt}")
         if conditioning not in FEATURES:
             raise ValueError(f"conditioning must be one of {sorted(FEATURES)}, got {conditioning!r}")
+        if attribute not in ("probe", "centroid"):
+            raise ValueError(f"attribute must be 'probe' or 'centroid', got {attribute!r}")
         check_positive(init_std=init_std, clip_range=clip_range, ppo_epochs=ppo_epochs, duration_s=duration_s, num_steps=num_steps)
         if not 0.0 <= start_fraction <= 1.0:
             raise ValueError(f"start_fraction must be in [0, 1], got {start_fraction}")
         self.automatic_optimization = False
         self.reward = WeightedSweepReward(
-            {"stability": SpectralStabilityReward(beta, sigma), "monotonicity": AttributeMonotonicityReward()},
+            {"stability": SpectralStabilityReward(beta, sigma, relative_stability), "monotonicity": AttributeMonotonicityReward()},
             {"stability": stability_weight, "monotonicity": monotonicity_weight},
         )
+        self.centroid = SpectralCentroidReward()
         self.log_std = nn.Parameter(torch.tensor(float(init_std)).log(), requires_grad=learn_std)
         self.value = nn.Parameter(torch.zeros(()))
         self.gain_schedule: GainSchedule | None = None
@@ -210,13 +224,13 @@ class ScalePPOModule(AudioLDM2Module):
 
     def _slider_probe(self) -> AttributeProbe | None:
         probe = attribute_probe_from(self.slider_info)
-        if probe is None and self.hparams.monotonicity_weight:
+        if probe is None and self.hparams.monotonicity_weight and self.hparams.attribute == "probe":
             raise LoRAError(f"slider {self.hparams.slider}: its metadata has no attribute_probe, which the monotonicity "
                             "reward needs; export the slider with SliderModule or set monotonicity_weight: 0")
         return None if probe is None else probe.to(self.device)
 
     def frozen_modules(self) -> list[nn.Module]:
-        return super().frozen_modules() + [self.reward]
+        return super().frozen_modules() + [self.reward, self.centroid]
 
     def configure_optimizers(self):
         params = [self.gain_schedule.mean, self.value] + ([self.log_std] if self.hparams.learn_std else [])
@@ -261,7 +275,12 @@ class ScalePPOModule(AudioLDM2Module):
         hp = self.hparams
         groups = len(hp.strengths)
         waveforms = self.backbone.decode(latents, hp.duration_s).float()
-        attribute = self.attribute_probe.score(latents) if self.attribute_probe is not None else torch.zeros(latents.shape[0], device=latents.device)
+        if hp.attribute == "centroid":
+            attribute = self.centroid(waveforms, self.backbone.sample_rate, [""] * len(waveforms), [{}] * len(waveforms))
+        elif self.attribute_probe is not None:
+            attribute = self.attribute_probe.score(latents)
+        else:
+            attribute = torch.zeros(latents.shape[0], device=latents.device)
         attribute = attribute.view(groups, -1)
         sweep = StrengthSweep(waveforms.view(groups, attribute.shape[1], -1), torch.tensor(hp.strengths, device=waveforms.device),
                               self.backbone.sample_rate, attribute)

@@ -125,18 +125,25 @@ class SpectralStabilityReward(SweepReward):
     is ``ssim(0) + (ssim(1) - ssim(0)) * s**beta`` and each intermediate strength scores
     ``exp(-(ssim(s) - target(s))^2 / (2 sigma^2))``; the reward is their mean (1 = on the curve).
 
+    With ``relative`` the SSIM drop is measured as a fraction of the rollout's own total drop,
+    ``(ssim(0) - ssim(s)) / (ssim(0) - ssim(1))``, against the target ``s**beta``: a slider that
+    changes a clip little (SSIM 0.999 at s = 1, as on the tiny backbones) otherwise scores ~1 at any
+    spacing of its steps, and the reward carries no signal.
+
     Args:
         beta: exponent of the target curve (1: SSIM falls linearly with the strength).
-        sigma: tolerance of the Gaussian score, in SSIM units.
+        sigma: tolerance of the Gaussian score, in SSIM units (``relative``: in fractions of the drop).
+        relative: score the fraction of each rollout's own SSIM drop instead of the SSIM itself.
         name: the name under which the reward is logged.
     """
 
-    def __init__(self, beta: float = 1.0, sigma: float = 0.1, name: str = "stability") -> None:
+    def __init__(self, beta: float = 1.0, sigma: float = 0.1, relative: bool = False, name: str = "stability") -> None:
         super().__init__(name)
         if beta <= 0 or sigma <= 0:
             raise ValueError(f"SpectralStabilityReward: beta and sigma must be > 0, got beta={beta}, sigma={sigma}")
         self.beta = beta
         self.sigma = sigma
+        self.relative = relative
 
     def ssim_to_strength0(self, sweep: StrengthSweep) -> Tensor:
         """SSIM [G, B] of every clip's mel to its rollout's strength-0 clip."""
@@ -146,9 +153,15 @@ class SpectralStabilityReward(SweepReward):
 
     def forward(self, sweep: StrengthSweep) -> Tensor:
         ssim = self.ssim_to_strength0(sweep)
-        s = sweep.strengths.to(ssim).view(-1, 1)
-        target = ssim[:1] + (ssim[-1:] - ssim[:1]) * s.pow(self.beta)
-        score = torch.exp(-(ssim - target).pow(2) / (2 * self.sigma**2))
+        curve = sweep.strengths.to(ssim).view(-1, 1).pow(self.beta)
+        if self.relative:
+            # A rollout whose clip does not change has no drop: the clamp keeps its fractions at 0, off the
+            # curve, so a slider that does nothing scores low instead of dividing by zero.
+            drop = (ssim[:1] - ssim) / (ssim[:1] - ssim[-1:]).clamp(min=EPS)
+            score = torch.exp(-(drop - curve).pow(2) / (2 * self.sigma**2))
+        else:
+            target = ssim[:1] + (ssim[-1:] - ssim[:1]) * curve
+            score = torch.exp(-(ssim - target).pow(2) / (2 * self.sigma**2))
         return score[1:-1].mean(0)
 
 

@@ -15,6 +15,7 @@ from rlmusic_pl.data import PromptAttributeDataModule
 from rlmusic_pl.gain_schedule import GAIN_SCHEDULE
 from rlmusic_pl.lora import LoRAError, load_lora, lora_parameters, save_lora
 from rlmusic_pl.modules import GainSchedule, ScalePPOModule, SliderModule, SweepModule, generate_at_strengths
+from rlmusic_pl.rewards.simple import SpectralCentroidReward
 
 DURATION = 0.5
 STEPS = 3
@@ -70,6 +71,18 @@ def test_each_rollout_of_a_batch_runs_its_own_gains(slider_dir):
         alone = module.generate(cond[[0]], noise[[0]], None)
         torch.testing.assert_close(both[row :: 2], alone, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(both[-2], both[-1], atol=1e-3)  # the two actions differ at strength 1
+
+
+def test_the_centroid_attribute_and_relative_stability_score_the_decoded_audio(slider_dir):
+    module = stage2(slider_dir, attribute="centroid", relative_stability=True)
+    assert module.reward.rewards["stability"].relative
+    cond, noise = prompt_inputs(module.backbone)
+    waveforms, rewards, attribute = module.score(module.generate(cond, noise, None))
+    expected = SpectralCentroidReward()(waveforms, module.backbone.sample_rate, [""] * len(waveforms), [{}] * len(waveforms))
+    torch.testing.assert_close(attribute, expected.view(len(GRID), len(PROMPTS)))
+    assert rewards.components["stability"].shape == (len(PROMPTS),)
+    with pytest.raises(ValueError, match="attribute must be"):
+        stage2(slider_dir, attribute="loudness")
 
 
 def test_a_stage2_step_changes_only_the_scale_policy_and_exports_an_adapter_the_sweep_applies(slider_dir, tmp_path):

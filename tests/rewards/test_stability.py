@@ -99,3 +99,27 @@ def test_linearity_figures():
     torch.testing.assert_close(r2[0], torch.tensor(1.0))
     torch.testing.assert_close(max_jump, torch.tensor([0.25, 0.6]))
     assert r2[1] < 0.95
+
+
+def test_relative_stability_scores_the_fraction_of_each_rollouts_own_ssim_drop():
+    sweep = noise_sweep([0.0, 0.1, 0.3, 0.6, 1.0])
+    reward = SpectralStabilityReward(beta=2.0, sigma=0.1, relative=True)
+    ssim = reward.ssim_to_strength0(sweep)
+    drop = (ssim[0] - ssim) / (ssim[0] - ssim[-1])
+    expected = torch.exp(-((drop - GRID.view(-1, 1) ** 2.0) ** 2) / (2 * 0.1**2))[1:-1].mean(0)
+    torch.testing.assert_close(reward.evaluate(sweep).total, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_relative_stability_is_high_on_the_own_range_curve_and_low_for_jumps_or_no_change():
+    relative = SpectralStabilityReward(relative=True)
+    mixes = torch.linspace(0, 2e-4, 41)
+    fine = noise_sweep(mixes.tolist(), rollouts=1)
+    drop = relative.ssim_to_strength0(fine)[:, 0]
+    drop = (drop[0] - drop) / (drop[0] - drop[-1])
+    # The mixes whose own SSIM drop is closest to 1/4, 1/2, 3/4 of the total: a sweep on the relative curve.
+    even_mix = [mixes[(drop - s).abs().argmin()].item() for s in GRID.tolist()]
+    even, jumpy = noise_sweep(even_mix), noise_sweep([0.0, 0.0, 0.0, 0.0, 2e-4])
+    assert (relative.evaluate(even).total > 0.8).all()
+    assert (relative.evaluate(jumpy).total < 0.2).all()
+    still = StrengthSweep(even.waveforms[[0, 0, 0, 0, 0]], GRID.clone(), SR)  # no change at all: no signal to reward
+    assert (relative.evaluate(still).total < 0.2).all()
