@@ -145,13 +145,6 @@ class DDPOModule(RewardRL, AudioLDM2Module):
         self.automatic_optimization = False
         self.init_rewards(reward, monitor_rewards, "DDPOModule", stat_buffer_size, stat_min_count)
 
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        self.check_rewards_at_setup(stage)
-
-    def frozen_modules(self) -> list[torch.nn.Module]:
-        return super().frozen_modules() + [self.reward, self.monitor_rewards]
-
     def configure_optimizers(self):
         hp = self.hparams
         return torch.optim.AdamW(lora_parameters(self.backbone.unet), lr=hp.learning_rate, betas=tuple(hp.adam_betas),

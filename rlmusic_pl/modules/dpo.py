@@ -131,13 +131,6 @@ class DiffusionDPOModule(RewardScoring, AudioLDM2Module):
         self._latents: dict[str, Tensor] = {}
         self._texts: dict[str, TextConditioning] = {}
 
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        self.check_rewards_at_setup(stage)
-
-    def frozen_modules(self) -> list[torch.nn.Module]:
-        return super().frozen_modules() + [self.reward, self.monitor_rewards]
-
     def configure_optimizers(self):
         hp = self.hparams
         return torch.optim.AdamW(lora_parameters(self.backbone.unet), lr=hp.learning_rate, betas=tuple(hp.adam_betas),

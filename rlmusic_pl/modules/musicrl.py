@@ -183,13 +183,6 @@ class MusicRLModule(RewardRL, MusicGenModule):
                 torch.manual_seed(self.hparams.backbone_seed)
                 self.value_head = nn.Linear(self.backbone.decoder.config.hidden_size, 1).to(self.device)
 
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        self.check_rewards_at_setup(stage)
-
-    def frozen_modules(self) -> list[nn.Module]:
-        return super().frozen_modules() + [self.reward, self.monitor_rewards]
-
     def configure_optimizers(self):
         hp = self.hparams
         groups = [{"params": lora_parameters(self.backbone.decoder), "lr": hp.learning_rate}]

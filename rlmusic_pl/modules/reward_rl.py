@@ -25,8 +25,8 @@ AdvantageMethod = Literal["per_prompt", "group", "rloo", "batch"]
 class RewardRL(RewardScoring):
     """Mixin for a LightningModule trained by manual optimisation on rewards of its own samples.
 
-    The module calls ``init_rewards`` in its ``__init__`` and ``check_rewards_at_setup`` in its
-    ``setup``; its hyperparameters include ``seed`` and ``max_grad_norm``; it lists the parameters
+    The module calls ``init_rewards`` in its ``__init__`` (``RewardScoring`` checks the rewards at
+    setup); its hyperparameters include ``seed`` and ``max_grad_norm``; it lists the parameters
     it trains in its optimizer (one param group per set of parameters clipped together).
     """
 

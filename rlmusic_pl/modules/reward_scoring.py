@@ -16,9 +16,18 @@ from rlmusic_pl.rewards.base import Reward, RewardResult, as_reward, as_rewards,
 class RewardScoring:
     """Mixin for a LightningModule that scores its generated clips with a reward (and monitor rewards).
 
-    The module calls ``init_scoring`` in its ``__init__`` and ``check_rewards_at_setup`` in its
-    ``setup``; its hyperparameters include ``seed``; ``self.backbone`` has a ``sample_rate``.
+    The module calls ``init_scoring`` in its ``__init__``; the mixin's ``setup`` checks the rewards
+    against the prompts and its ``frozen_modules`` adds the rewards, so it must come before the
+    LightningModule base in the class's bases. The module's hyperparameters include ``seed``;
+    ``self.backbone`` has a ``sample_rate``.
     """
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        self.check_rewards_at_setup(stage)
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return super().frozen_modules() + [self.reward, self.monitor_rewards]
 
     def init_scoring(self, reward: Reward, monitor_rewards: list[Reward] | None, owner: str) -> None:
         """Wrap the rewards (plain functions become ``CallableReward``)."""
