@@ -130,6 +130,8 @@ def main() -> None:
     parser.add_argument("--rm-lr", type=float, default=3e-3, help="reward model learning rate")
     parser.add_argument("--epochs", type=int, default=15, help="DDPO epochs per kl_coef (4 prompts x 4 samples each)")
     parser.add_argument("--lr", type=float, default=1e-3, help="DDPO learning rate")
+    parser.add_argument("--reward-model", type=Path,
+                        help="skip steps 1-2: run DDPO on this exported reward model (e.g. another run's OUT/reward_model)")
     parser.add_argument("--kl-coefs", type=float, nargs="+", default=[0.0, 0.01, 0.1], help="kl_coef values, one DDPO run each")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -137,8 +139,31 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
 
-    train_set, held_out_set = preference_sets(args, args.out)
     print(f"backbone={args.backbone} seed={args.seed} duration={args.duration} steps={args.steps}")
+    reward_dir = args.reward_model or args.out / "reward_model"
+    if args.reward_model:
+        train_set = held_out_set = rm = None
+        print(f"reward model {reward_dir}: {json.loads((reward_dir / 'reward_model.json').read_text())['metrics']}")
+    else:
+        train_set, held_out_set, rm = reward_model_steps(args, start)
+    results = []
+    for kl_coef in args.kl_coefs:
+        before, after, history = ddpo(args, reward_dir, kl_coef)
+        results.append({"kl_coef": kl_coef, "history": history, **{f"{k}_before": v.tolist() for k, v in before.items()},
+                        **{f"{k}_after": v.tolist() for k, v in after.items()}})
+        print(f"kl_coef={kl_coef:g}: learned {change(before['learned'], after['learned'])}; judge {change(before['judge'], after['judge'])}; "
+              f"held-out KL per step {after['kl']:.4g} [{time.monotonic() - start:.0f} s]")
+        print("  per epoch (learned, judge, train KL): " + " ".join(f"({a:.3f}, {b:.4f}, {c:.3g})" for a, b, c in history))
+    print_table(args, results)
+    summary = {"args": {k: str(v) for k, v in vars(args).items()}, "train_set": train_set, "held_out_set": held_out_set,
+               "reward_model": rm, "ddpo": results, "seconds": time.monotonic() - start}
+    (args.out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"total {time.monotonic() - start:.0f} s; results in {args.out / 'results.json'}")
+
+
+def reward_model_steps(args: argparse.Namespace, start: float) -> tuple[dict, dict, dict]:
+    """Steps 1-2: the preference sets and the reward model fitted on them (exported to OUT/reward_model)."""
+    train_set, held_out_set = preference_sets(args, args.out)
     print(f"preference sets: train {train_set['pairs']} pairs ({train_set['prompts']} prompts x {args.clips_per_prompt} clips), "
           f"held-out {held_out_set['pairs']} pairs ({held_out_set['prompts']} other prompts); temperature {train_set['temperature']:.4g}; "
           f"labels agree with the judge's ranking: train {train_set['sampled_agreement']:.1%} (expected {train_set['expected_agreement']:.1%}), "
@@ -148,15 +173,10 @@ def main() -> None:
     print(f"reward model: held-out pair accuracy {rm['accuracy']:.1%} vs ceiling {ceiling:.1%} ({(rm['accuracy'] - ceiling) * 100:+.1f} points), "
           f"loss {rm['loss']:.3f}, calibration error {rm['calibration_error']:.3f}; training pairs accuracy {rm['train_accuracy']:.1%} "
           f"[{time.monotonic() - start:.0f} s]")
+    return train_set, held_out_set, rm
 
-    results = []
-    for kl_coef in args.kl_coefs:
-        before, after, history = ddpo(args, args.out / "reward_model", kl_coef)
-        results.append({"kl_coef": kl_coef, "history": history, **{f"{k}_before": v.tolist() for k, v in before.items()},
-                        **{f"{k}_after": v.tolist() for k, v in after.items()}})
-        print(f"kl_coef={kl_coef:g}: learned {change(before['learned'], after['learned'])}; judge {change(before['judge'], after['judge'])}; "
-              f"held-out KL per step {after['kl']:.4g} [{time.monotonic() - start:.0f} s]")
-        print("  per epoch (learned, judge, train KL): " + " ".join(f"({a:.3f}, {b:.4f}, {c:.3g})" for a, b, c in history))
+
+def print_table(args: argparse.Namespace, results: list[dict]) -> None:
     print(f"\nDDPO {args.epochs} epochs, lr {args.lr}, held-out: {len(HELD_OUT_PROMPTS)} prompts x 4 samples, noise seed {10_000 + args.seed}")
     print("| kl_coef | learned reward gain | judge (centroid) gain | judge change | held-out KL per step |")
     print("|---:|---:|---:|---:|---:|")
@@ -166,10 +186,6 @@ def main() -> None:
         print(f"| {row['kl_coef']:g} | {(learned_a.mean() - learned_b.mean()) / learned_b.std():+.2f} std | "
               f"{(judge_a.mean() - judge_b.mean()) / judge_b.std():+.2f} std | {(judge_a.mean() / judge_b.mean() - 1) * 100:+.1f} % | "
               f"{row['kl_after']:.4g} |")
-    summary = {"args": {k: str(v) for k, v in vars(args).items()}, "train_set": train_set, "held_out_set": held_out_set,
-               "reward_model": rm, "ddpo": results, "seconds": time.monotonic() - start}
-    (args.out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"total {time.monotonic() - start:.0f} s; results in {args.out / 'results.json'}")
 
 
 if __name__ == "__main__":
