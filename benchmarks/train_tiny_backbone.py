@@ -142,8 +142,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="clips per training step")
     parser.add_argument("--kl-weight", type=float, default=1e-4, help="weight of the VAE's KL term")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random initial weights, the data and the batches")
+    parser.add_argument(
+        "--threads", type=int, default=min(2, os.cpu_count() or 1),
+        help="torch threads; use 1 when other jobs share the cores (oversubscribed threads slow steps ~10x)",
+    )
     args = parser.parse_args()
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.manual_seed(args.seed)
 

@@ -10,3 +10,7 @@ class RLMusicError(Exception):
     ``PromptError``, ``AudioError``, ``SweepError``, ``CheckpointError``, ...) derives from it, so
     ``except RLMusicError`` catches them all, and the CLI prints their message as one line.
     """
+
+
+class MissingExtraError(RLMusicError, ImportError):
+    """An optional feature needs a package that is not installed; the message names the extra to install."""

@@ -1,4 +1,4 @@
-"""A callback for the DDP tests (DDPO, MusicRL): each rank writes its per-prompt statistics and a LoRA checksum to a file."""
+"""A callback for the DDP tests (DDPO, MusicRL, Diffusion-DPO): each rank writes its per-prompt statistics (if any) and a LoRA checksum to a file."""
 
 import json
 import os
@@ -18,5 +18,6 @@ class RankState(Callback):
         self.start = lora_sum(pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        state = {"stat_tracker": pl_module.stat_tracker.state_dict(), "lora_sum": lora_sum(pl_module), "lora_sum_at_start": self.start}
+        tracker = getattr(pl_module, "stat_tracker", None)
+        state = {"stat_tracker": tracker.state_dict() if tracker is not None else None, "lora_sum": lora_sum(pl_module), "lora_sum_at_start": self.start}
         Path(os.environ["RANK_STATE_DIR"], f"rank{trainer.global_rank}.json").write_text(json.dumps(state))

@@ -1,4 +1,4 @@
-"""Benchmark scripts that other benchmarks and configs depend on: the trained tiny backbone, the memory counter."""
+"""Benchmark scripts that other benchmarks and configs depend on: the trained tiny backbones, the memory counter; the DPO speed and learning scripts run."""
 
 import json
 import os
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from rlmusic_pl.backbone.audioldm2 import AudioLDM2Backbone
+from rlmusic_pl.backbone.musicgen import MusicGenBackbone
 from rlmusic_pl.backbone.tiny import build_tiny_pipeline
 from rlmusic_pl.data.audio import UMASK
 
@@ -64,6 +65,80 @@ def test_the_learning_config_fits_on_a_trained_backbone_directory(trained_backbo
     assert (run_dir / "adapter" / "pytorch_lora_weights.safetensors").is_file()
 
 
+def train_tiny_musicgen(out: Path, seed: int = 0) -> str:
+    """benchmarks/train_tiny_musicgen.py with two steps per stage into ``out``; its stdout."""
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "train_tiny_musicgen.py"), str(out), "--clips", "16", "--batch-size", "4",
+        "--codec-steps", "2", "--decoder-steps", "2", "--hidden-size", "32", "--layers", "1", "--seed", str(seed),
+    ]
+    # ~10 s of CPU; the generous timeout is for a machine shared with other jobs.
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def trained_musicgen(tmp_path_factory) -> tuple[Path, str]:
+    """The output directory of a short train_tiny_musicgen.py run, and its stdout."""
+    out = tmp_path_factory.mktemp("musicgen") / "tiny-musicgen-trained"
+    return out, train_tiny_musicgen(out)
+
+
+def test_train_tiny_musicgen_writes_a_trained_musicgen_that_the_backbone_loads_and_samples(trained_musicgen):
+    out, stdout = trained_musicgen
+    assert "codec step 2/2" in stdout and "decoder step 2/2" in stdout
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from train_tiny_musicgen import build_untrained
+
+    trained = MusicGenBackbone.load(str(out))
+    untrained = build_untrained(0, hidden_size=32, num_layers=1)
+    assert (trained.sample_rate, trained.codebook_size, trained.num_codebooks, trained.frame_rate) == (8000, 64, 4, 50)
+    for name in ("audio_encoder", "decoder"):
+        before = torch.cat([p.flatten() for p in getattr(untrained, name).parameters()])
+        after = torch.cat([p.flatten() for p in getattr(trained, name).parameters()])
+        assert not torch.equal(before, after), f"{name} was not trained"
+    # transformers initialises the codebooks to zero; k-means++ and the EMA updates fill them with distinct codes.
+    for layer in trained.audio_encoder.quantizer.layers[: trained.num_codebooks]:
+        assert torch.unique(layer.codebook.embed, dim=0).shape[0] > trained.codebook_size // 2
+    assert not list(out.parent.glob(".tiny-musicgen-trained.*")), "the staging directory was left behind"
+    cond = trained.encode_prompts(["a bright C note", "a dull G note"])
+    sample = trained.sample(cond, trained.num_frames(0.2), generator=torch.Generator().manual_seed(0))
+    audio = trained.decode(sample.codes)
+    assert audio.shape == (2, round(0.2 * trained.sample_rate)) and torch.isfinite(audio).all()
+
+
+@pytest.mark.slow
+def test_train_tiny_musicgen_is_deterministic_by_seed(trained_musicgen, tmp_path):
+    out, _ = trained_musicgen
+    train_tiny_musicgen(tmp_path / "again")
+    train_tiny_musicgen(tmp_path / "other", seed=1)
+    weights = [(directory / "model.safetensors").read_bytes() for directory in (out, tmp_path / "again", tmp_path / "other")]
+    assert weights[0] == weights[1]
+    assert weights[0] != weights[2]
+
+
+def test_kmeans_plus_plus_finds_separated_clusters():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from train_tiny_musicgen import kmeans_plus_plus
+
+    generator = torch.Generator().manual_seed(0)
+    means = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    vectors = (means[:, None] + 0.1 * torch.randn(3, 50, 2, generator=generator)).reshape(-1, 2)
+    centres = kmeans_plus_plus(vectors, 3, generator)
+    assert torch.cdist(means, centres).min(dim=1).values.max() < 0.1
+
+
+def test_tiny_musicgen_quality_reports_codec_and_conditioning_for_trained_and_random(trained_musicgen):
+    out, _ = trained_musicgen
+    command = [sys.executable, str(ROOT / "benchmarks" / "tiny_musicgen_quality.py"), str(out), "--clips", "4", "--guidance-scales", "1", "3"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in ("trained", "random"):
+        assert f"{name} codec: log-mel L1" in result.stdout
+        assert f"{name} conditioning: pitch_accuracy@1" in result.stdout and "pitch_accuracy@3" in result.stdout
+    assert "centroid bright / dull (Hz)@3" in result.stdout
+
+
 def test_tensor_memory_counts_live_storages_once_and_releases_freed_ones():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from full_size_memory import TensorMemory
@@ -92,6 +167,22 @@ def test_tensor_memory_does_not_count_views_of_tensors_made_before_it():
         y = torch.nn.functional.linear(x, weight)
     assert memory.peak == y.untyped_storage().nbytes() == 4 * 256 * 4
     del transposed
+
+
+def test_dpo_speed_runs_both_sides_and_reports_the_ratio():
+    command = [sys.executable, str(ROOT / "benchmarks" / "dpo_speed.py"), "--repeats", "1", "--pairs", "1", "--duration", "0.5"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "1 pairs of 0.5 s clips" in result.stdout and "ratio" in result.stdout
+
+
+@pytest.mark.slow
+def test_dpo_learning_runs_dpo_and_ddpo_at_matched_judge_calls():
+    command = [sys.executable, str(ROOT / "benchmarks" / "dpo_learning.py"), "--clips-per-prompt", "2", "--dpo-steps", "1",
+               "--dpo-batch", "2", "--held-out-samples", "1", "--steps", "2", "--ddpo-samples", "4", "--duration", "0.5"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| Diffusion-DPO | 16 |" in result.stdout and "| DDPO (1 epochs) | 16 |" in result.stdout
 
 
 @pytest.mark.slow

@@ -167,6 +167,11 @@ class AudioLDM2Backbone(nn.Module):
         mask = tokens.attention_mask.to(self.unet.device)
         return self.text_encoder_2(tokens.input_ids.to(self.unet.device), attention_mask=mask)[0], mask
 
+    @torch.no_grad()
+    def encode_texts(self, prompts: list[str]) -> TextConditioning:
+        """Conditioning of one side (prompts only, no negative prompts): what an unguided UNet call reads."""
+        return self._encode_side(list(prompts))
+
     def _encode_side(self, prompts: list[str]) -> TextConditioning:
         # Each distinct text once (a batch repeats prompts k times and shares one negative prompt).
         unique = list(dict.fromkeys(prompts))
@@ -203,18 +208,22 @@ class AudioLDM2Backbone(nn.Module):
         timestep = torch.as_tensor(timestep, device=latents.device)
         if timestep.dim() == 1 and guided:
             timestep = torch.cat([timestep, timestep])
-        eps = self.unet(
-            model_input,
+        eps = self.unet_noise(model_input, timestep, text)
+        if not guided:
+            return eps
+        eps_negative, eps_positive = eps.chunk(2)
+        return eps_negative + guidance_scale * (eps_positive - eps_negative)
+
+    def unet_noise(self, latents: Tensor, timestep: Tensor, text: TextConditioning) -> Tensor:
+        """The UNet's noise prediction for latents [B, ...] conditioned on one side's ``text`` [B] (no guidance)."""
+        return self.unet(
+            latents,
             timestep,
             encoder_hidden_states=text.generated,
             encoder_hidden_states_1=text.t5,
             encoder_attention_mask_1=text.t5_mask,
             return_dict=False,
         )[0]
-        if not guided:
-            return eps
-        eps_negative, eps_positive = eps.chunk(2)
-        return eps_negative + guidance_scale * (eps_positive - eps_negative)
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute each UNet block's activations during the backward pass (less memory, more compute).

@@ -203,16 +203,20 @@ def build_parser() -> argparse.ArgumentParser:
         "concept set (OUT/<concept>/*.wav and OUT/labels.csv) for MusicRFM's SteeringModule.",
     )
     parser.add_argument("out", help="output folder; the sets go to OUT/bright and OUT/dull (existing clips are kept)")
-    parser.add_argument("--concept", choices=("notes", "intervals", "tempos"), default=None,
+    parser.add_argument("--concept", choices=("notes", "intervals", "tempos", "brightness"), default=None,
                         help="write a SynTheory-style labelled set instead: notes (12 pitch classes x --octaves x 2 timbres), "
-                             "intervals (1-12 semitones x 12 roots x 2 timbres) or tempos (--count clips over --tempo-range)")
-    parser.add_argument("--octaves", type=int, nargs="+", default=[3, 4, 5], help="octaves of --concept notes (default: 3 4 5)")
+                             "intervals (1-12 semitones x 12 roots x 2 timbres), tempos (--count clips over --tempo-range) "
+                             "or brightness (--count held notes, harmonic roll-off from dull to bright: a continuous label)")
+    parser.add_argument("--octaves", type=int, nargs="+", default=[3, 4, 5],
+                        help="octaves of --concept notes and brightness (default: 3 4 5)")
     parser.add_argument("--tempo-range", type=float, nargs=2, default=[60.0, 180.0], metavar=("LOW", "HIGH"),
                         help="tempos in bpm of --concept tempos, evenly spaced (default: 60 180)")
     parser.add_argument("--count", type=int, default=8, help="clips per set, or in the --concept tempos set (default: %(default)s)")
     parser.add_argument("--duration", type=float, default=2.0, help="seconds per clip (default: %(default)s)")
     parser.add_argument("--notes-per-second", type=float, default=3.0, help="average note density (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same clips (default: %(default)s)")
+    parser.add_argument("--sample-rate", type=int, default=AUDIOLDM_MEL.sample_rate,
+                        help="sample rate in Hz of --concept clips, e.g. 8000 for the trained tiny MusicGen (default: %(default)s)")
     return parser
 
 
@@ -224,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         from rlmusic_pl.data.concept_sets import write_concept_set  # it builds on this module
 
         try:
-            count = write_concept_set(args.out, args.concept, args.duration, args.count, tuple(args.octaves), tuple(args.tempo_range), args.seed)
+            count = write_concept_set(args.out, args.concept, args.duration, args.count, tuple(args.octaves), tuple(args.tempo_range), args.seed,
+                                      args.sample_rate)
         except ValueError as err:
             parser.error(str(err))
         print(f"wrote {count} labelled {args.concept} clips and labels.csv to {args.out}")

@@ -32,7 +32,8 @@ from rlmusic_pl.data.audio import check_writable
 from rlmusic_pl.lora import copy_adapter
 from rlmusic_pl.modules.backbone_module import check_positive
 from rlmusic_pl.modules.musicgen import MusicGenModule
-from rlmusic_pl.modules.sweep import SweepPredictor, SweepError, check_seeds, check_strengths
+from rlmusic_pl.modules.musicgen_sweep import MusicGenSweepPredictor
+from rlmusic_pl.modules.sweep import SweepError, check_seeds, check_strengths
 from rlmusic_pl.rewards.base import Reward, as_rewards
 from rlmusic_pl.steering.activations import POOLINGS, collect_activations, decoder_layers
 from rlmusic_pl.steering.directions import INFO_FILE, METHODS, TARGETS, TENSORS_FILE, ConceptDirections, learn_directions
@@ -45,7 +46,7 @@ STEER_ATTRIBUTE = "steer_concept"
 LEARN_FIRST = "python -m rlmusic_pl fit --config configs/tiny/rfm_note.yaml"
 
 
-class SteeringModule(SweepPredictor, MusicGenModule):
+class SteeringModule(MusicGenSweepPredictor, MusicGenModule):
     """Concept directions of a frozen MusicGen's decoder layers (``fit``) and steered generation sweeps (``predict``).
 
     Args:
@@ -57,7 +58,8 @@ class SteeringModule(SweepPredictor, MusicGenModule):
         pooling: pooling of each layer's output over time: ``mean`` (notes), ``last`` (tempo) or ``max``.
         n_components: eigenvectors kept per layer and concept (RFM).
         probe_layers: decoder layers to probe (default: all).
-        val_fraction: share of the labelled clips held out (stratified by class) to choose and score the probes.
+        probe_val_fraction: share of the labelled clips held out (stratified by class) to choose and score the probes
+            (not ``val_fraction``: a prompt data module's argument of that name would clash in the logged hyperparameters).
         search_trials: random-search trials of the RFM hyperparameters per layer (reg, bandwidth, exponent, centring).
         rfm_iters: RFM iterations per trial (early-stopped on validation).
         linear_regularisation: L2 strength of the linear probe.
@@ -100,7 +102,7 @@ class SteeringModule(SweepPredictor, MusicGenModule):
         pooling: str = "mean",
         n_components: int = 1,
         probe_layers: list[int] | None = None,
-        val_fraction: float = 0.25,
+        probe_val_fraction: float = 0.25,
         search_trials: int = 8,
         rfm_iters: int = 30,
         linear_regularisation: float = 1.0,
@@ -134,8 +136,8 @@ class SteeringModule(SweepPredictor, MusicGenModule):
                                      ("steer_rows", steer_rows, ("both", "conditional"))):
             if value not in allowed:
                 raise SteeringError(f"{name} must be one of {allowed}, got {value!r}")
-        if not 0.0 < val_fraction < 1.0:
-            raise ProbeError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        if not 0.0 < probe_val_fraction < 1.0:
+            raise ProbeError(f"probe_val_fraction must be in (0, 1), got {probe_val_fraction}")
         if not 0.0 <= inject_chance <= 1.0:
             raise SteeringError(f"inject_chance must be in [0, 1], got {inject_chance}")
         check_positive(SweepError, duration_s=duration_s, sample_batch_size=sample_batch_size, n_components=n_components)
@@ -153,9 +155,6 @@ class SteeringModule(SweepPredictor, MusicGenModule):
     # ------------------------------------------------------------------------ the backbone: no adapters
     def add_adapters(self, network: nn.Module) -> None:
         """Steering changes activations, not weights: no LoRA."""
-
-    def frozen_modules(self) -> list[nn.Module]:
-        return super().frozen_modules() + [self.metrics]
 
     def configure_optimizers(self):
         return None  # nothing is trained by gradient: the probes are fit at the end of the epoch
@@ -187,7 +186,7 @@ class SteeringModule(SweepPredictor, MusicGenModule):
         if not self._activations:
             raise ProbeError("the concept data module yielded no clips")
         activations = torch.cat(self._activations)
-        val_mask = stratified_split(self._labels, self.hparams.val_fraction, self.hparams.split_seed, self.hparams.task == "regression")
+        val_mask = stratified_split(self._labels, self.hparams.probe_val_fraction, self.hparams.split_seed, self.hparams.task == "regression")
         methods = [self.hparams.method] + (["linear"] if self.hparams.compare_linear and self.hparams.method == "rfm" else [])
         layers = self.hparams.probe_layers or list(range(len(decoder_layers(self.backbone))))
         label = getattr(self.trainer.datamodule, "label", "label") if self._trainer is not None else "label"
@@ -266,10 +265,6 @@ class SteeringModule(SweepPredictor, MusicGenModule):
                  "guidance_scale", "temperature", "top_k")
         return {"axis_label": "coefficient", "directions_sha256": digest.hexdigest(), **{name: hp[name] for name in names}}
 
-    def expected_samples(self) -> int:
-        frames = self.backbone.num_frames(self.hparams.duration_s)
-        return frames * self.backbone.sample_rate // self.backbone.frame_rate
-
     def steering(self, coefficients: Tensor, seed: int) -> Steering:
         """The steering of a batch whose sample i is steered with ``coefficients[i]``."""
         hp = self.hparams
@@ -279,19 +274,8 @@ class SteeringModule(SweepPredictor, MusicGenModule):
         )
         return Steering(self.backbone, [direction], rows=hp.steer_rows, seed=seed)
 
-    @torch.no_grad()
-    def generate(self, clips: list[Clip], strengths: list[float]) -> Tensor:
-        """Waveforms [len(clips) x len(strengths), T] (cpu): each clip's prompt and seed at each coefficient."""
-        hp = self.hparams
-        pairs = [(clip, strength) for clip in clips for strength in strengths]
-        cond = self.backbone.encode_prompts([clip.prompt for clip, _ in pairs])
-        coefficients = torch.tensor([strength for _, strength in pairs], dtype=torch.float32)
-        # One generator per sample, seeded by its seed only: every coefficient sees the same random draws.
-        generators = [torch.Generator(device=self.device).manual_seed(clip.seed) for clip, _ in pairs]
-        with self.steering(coefficients, seed=clips[0].seed):
-            codes = self.backbone.sample(cond, self.backbone.num_frames(hp.duration_s), guidance_scale=hp.guidance_scale,
-                                         temperature=hp.temperature, top_k=hp.top_k or None, generator=generators).codes
-        return self.backbone.decode(codes).cpu()
+    def sweep_control(self, strengths: Tensor, seed: int) -> Steering:
+        return self.steering(strengths, seed)
 
 
 def stratified_split(labels: list, val_fraction: float, seed: int, regression: bool = False) -> Tensor:

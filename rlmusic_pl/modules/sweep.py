@@ -30,7 +30,7 @@ from rlmusic_pl.callbacks.sweep_clips import Clip, SweepClips
 from rlmusic_pl.data.audio import atomic_write, check_writable, load_audio
 from rlmusic_pl.errors import RLMusicError
 from rlmusic_pl.evaluation import MusicEvaluator
-from rlmusic_pl.lora import LORA_WEIGHTS, SCALE_WEIGHTS, LoRAError, load_lora, read_adapter_info, read_lora_state_dict
+from rlmusic_pl.lora import LORA_WEIGHTS, PEFT_WEIGHTS, SCALE_WEIGHTS, Layout, LoRAError, load_lora, read_adapter_info, read_lora_state_dict
 from rlmusic_pl.modules.base import AudioLDM2Module, check_positive
 from rlmusic_pl.gain_schedule import load_gain_schedule
 from rlmusic_pl.modules.slider import generate_at_strengths
@@ -77,20 +77,44 @@ def check_seeds(seeds) -> list[int]:
     return list(seeds)
 
 
-def resolve_adapter(adapter: str | Path) -> Path:
-    """The adapter directory of ``adapter`` (a directory, or its ``pytorch_lora_weights.safetensors``)."""
+def resolve_adapter(adapter: str | Path, layout: Layout = "diffusers", train_first: str = TRAIN_FIRST,
+                    config: str = "configs/tiny/sweep.yaml") -> Path:
+    """The adapter directory of ``adapter`` (a directory, or its weights file), saved in ``layout``.
+
+    A missing directory is reported with how to train one (``train_first``, for ``config``).
+    """
     path = Path(adapter).expanduser()
-    if path.is_file() and path.name in (LORA_WEIGHTS, SCALE_WEIGHTS):
+    if path.is_file() and path.name in (LORA_WEIGHTS, PEFT_WEIGHTS, SCALE_WEIGHTS):
         path = path.parent
     if not path.exists():
         raise LoRAError(
-            f"adapter {path}: no such directory. Train an adapter first (for configs/tiny/sweep.yaml: `{TRAIN_FIRST}`) "
+            f"adapter {path}: no such directory. Train an adapter first (for {config}: `{train_first}`) "
             "or point --model.adapter=PATH at a trained adapter directory"
         )
-    if not (path / LORA_WEIGHTS).is_file():
-        raise LoRAError(f"adapter {path}: not a LoRA adapter (expected a directory holding {LORA_WEIGHTS}, as saved by the fit runs)")
+    weights = PEFT_WEIGHTS if layout == "peft" else LORA_WEIGHTS
+    if not (path / weights).is_file():
+        raise LoRAError(f"adapter {path}: not a LoRA adapter of this backbone (expected a directory holding {weights}, "
+                        "as the fit runs save it)")
     read_lora_state_dict(path)  # fail now, not after the backbone has loaded, if the file is not a LoRA
     return path
+
+
+def adapter_digest(directory: Path) -> str:
+    """SHA-256 over an adapter directory's file names and bytes: what a sweep's clips were made with."""
+    digest = hashlib.sha256()
+    for path in sorted(directory.iterdir()):
+        if path.is_file():
+            digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def warn_if_trained_on_another_backbone(adapter: Path, backbone: str) -> dict:
+    """The adapter's saved metadata (empty if none), with a warning if it was trained on another backbone than ``backbone``."""
+    info = read_adapter_info(adapter) if (adapter / SCALE_WEIGHTS).is_file() else {}
+    trained_on = info.get("backbone")
+    if trained_on is not None and trained_on != backbone:
+        log.warning("adapter %s was trained on backbone %r but the sweep loads %r", adapter, trained_on, backbone)
+    return info
 
 
 class SweepPredictor:
@@ -120,6 +144,9 @@ class SweepPredictor:
             check_writable(self.sweep_dir, "output_dir", SweepError)
             check_rewards_for_prompts(self.metrics, self.sweep_prompts(), ["predict"])
             check_same_settings(self.sweep_dir, self.generation_settings())
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        return super().frozen_modules() + [self.metrics]  # the metrics are fixed judges, as the backbone is
 
     def sweep_prompts(self):
         """What lists the sweep's prompts by split for the metrics' checks (the data module; see ``check_rewards_for_prompts``)."""
@@ -239,12 +266,8 @@ class SweepModule(SweepPredictor, AudioLDM2Module):
         check_positive(SweepError, duration_s=duration_s, num_steps=num_steps, sample_batch_size=sample_batch_size)
         if not 0.0 <= start_fraction < 1.0:
             raise SweepError(f"start_fraction must be in [0, 1), got {start_fraction}")
-        self.adapter_path = resolve_adapter(adapter)
-        info = read_adapter_info(self.adapter_path) if (self.adapter_path / SCALE_WEIGHTS).is_file() else {}
-        self.adapter_kind = info.get("kind", "LoRA")
-        trained_on = info.get("backbone")
-        if trained_on is not None and trained_on != self.hparams.backbone:
-            log.warning("adapter %s was trained on backbone %r but the sweep loads %r", self.adapter_path, trained_on, self.hparams.backbone)
+        self.adapter_path = resolve_adapter(adapter, self.adapter_layout)
+        self.adapter_kind = warn_if_trained_on_another_backbone(self.adapter_path, self.hparams.backbone).get("kind", "LoRA")
         self.metrics = torch.nn.ModuleList(as_rewards(metrics, "SweepModule metrics"))
         self.evaluator = MusicEvaluator.from_rewards(list(self.metrics))
 
@@ -254,18 +277,11 @@ class SweepModule(SweepPredictor, AudioLDM2Module):
         self.gain_schedule = load_gain_schedule(unet, self.adapter_path)
         log.info("sweeping a %s adapter from %s", self.adapter_kind, self.adapter_path)
 
-    def frozen_modules(self) -> list[torch.nn.Module]:
-        return super().frozen_modules() + [self.metrics]
-
     def generation_settings(self) -> dict:
         """Everything that decides a clip's audio besides its prompt, strength and seed."""
         hp = self.hparams
-        adapter = hashlib.sha256()
-        for path in sorted(Path(hp.adapter).iterdir()):
-            if path.is_file():
-                adapter.update(path.name.encode() + path.read_bytes())
         names = ("backbone", "backbone_seed", "text_length", "duration_s", "num_steps", "guidance_scale", "start_fraction")
-        return {"adapter_sha256": adapter.hexdigest(), **{name: hp[name] for name in names}}
+        return {"adapter_sha256": adapter_digest(self.adapter_path), **{name: hp[name] for name in names}}
 
     @torch.no_grad()
     def generate(self, clips: list[Clip], strengths: list[float]) -> Tensor:

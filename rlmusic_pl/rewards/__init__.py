@@ -1,5 +1,6 @@
 """Rewards: batched torch callables from generated audio (and its prompts) to one score per sample."""
 
+from rlmusic_pl.rewards.aesthetics import AestheticsReward
 from rlmusic_pl.rewards.base import CallableReward, Reward, RewardError, RewardResult
 from rlmusic_pl.rewards.clap import CLAPReward
 from rlmusic_pl.rewards.combined import WeightedReward
@@ -18,6 +19,7 @@ from rlmusic_pl.rewards.stability import (
 from rlmusic_pl.rewards.tempo import TempoReward
 
 __all__ = [
+    "AestheticsReward",
     "AudioTextEncoder",
     "BandEnergyReward",
     "CLAPEncoder",

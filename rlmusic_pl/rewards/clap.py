@@ -7,6 +7,7 @@ normalised on its own, so a sample's reward never depends on the rest of the bat
 
 from __future__ import annotations
 
+import math
 import os
 import string
 
@@ -78,9 +79,14 @@ def _embedding(output) -> Tensor:
 class CLAPReward(Reward):
     """CLAP text-audio cosine similarity in [-1, 1], per sample.
 
-    The audio is resampled to the feature extractor's rate (48 kHz for laion CLAP); clips longer
-    than its ``max_length_s`` (10 s) are randomly cropped by it, as in laion-clap. The CLAP model
-    is loaded once and frozen.
+    Text adherence as MusicRL measures it with MuLan: a clip longer than ``chunk_seconds`` is cut
+    into chunks of that length, each chunk is compared with the text, and the reward is the mean of
+    the chunks' similarities. The chunks are consecutive, except that the last one is the clip's
+    final ``chunk_seconds`` (overlapping the one before when the length is not a multiple), so every
+    chunk is a whole ``chunk_seconds`` of music and none is padded; a clip no longer than a chunk is
+    scored whole. Each chunk is resampled to the feature extractor's rate (48 kHz for laion CLAP);
+    audio longer than the extractor's ``max_length_s`` (10 s) is randomly cropped by it, as in
+    laion-clap, so chunks of 10 s or less see all of the clip. The CLAP model is loaded once and frozen.
 
     Args:
         model: hub id or local directory of a transformers CLAP (model, tokenizer, feature
@@ -91,6 +97,8 @@ class CLAPReward(Reward):
         text: the text each sample is compared with: a ``str.format`` template over ``prompt`` and
             the sample's attributes, e.g. ``"{prompt}"`` or ``"a {emotion} piano solo"``.
         seed: weight seed of the ``"tiny"`` model.
+        chunk_seconds: the chunk length whose similarities are averaged (MusicRL: 10 s); None scores
+            every clip whole.
         name: the name under which the reward is logged.
     """
 
@@ -100,9 +108,13 @@ class CLAPReward(Reward):
         checkpoint: str | None = None,
         text: str = "{prompt}",
         seed: int = 0,
+        chunk_seconds: float | None = 10.0,
         name: str = "clap",
     ) -> None:
         super().__init__(name)
+        if chunk_seconds is not None and not chunk_seconds > 0:
+            raise ValueError(f"CLAPReward: chunk_seconds must be > 0 or None, got {chunk_seconds}")
+        self.chunk_seconds = chunk_seconds
         try:
             list(string.Formatter().parse(text))
         except ValueError as err:
@@ -115,10 +127,11 @@ class CLAPReward(Reward):
 
     def forward(self, waveforms: Tensor, sample_rate: int, prompts: list[str], attributes: list[dict[str, str]]) -> Tensor:
         texts = [self.reward_text(prompt, attrs) for prompt, attrs in zip(prompts, attributes)]
-        similarity = torch.nn.functional.cosine_similarity(
-            self.embed_text(texts), self.embed_audio(waveforms, sample_rate), dim=-1
-        )
-        return similarity.float()
+        chunk = None if self.chunk_seconds is None else round(self.chunk_seconds * sample_rate)
+        chunks = clip_chunks(waveforms, chunk)  # [B, C, L]
+        audio = self.embed_audio(chunks.flatten(0, 1), sample_rate).view(*chunks.shape[:2], -1)
+        similarity = torch.nn.functional.cosine_similarity(self.embed_text(texts)[:, None], audio, dim=-1)
+        return similarity.mean(1).float()
 
     @property
     def required_attributes(self) -> frozenset[str]:
@@ -155,3 +168,16 @@ class CLAPReward(Reward):
             is_longer=is_longer.to(self.model.device),
         )
         return _embedding(output)
+
+
+def clip_chunks(waveforms: Tensor, chunk: int | None) -> Tensor:
+    """Waveforms [B, T] as chunks [B, C, chunk]: consecutive, the last one ending at the clip's end (see ``CLAPReward``).
+
+    A clip no longer than ``chunk`` (or ``chunk`` None) is one chunk, [B, 1, T].
+    """
+    length = waveforms.shape[-1]
+    if chunk is None or length <= chunk:
+        return waveforms[:, None]
+    count = math.ceil(length / chunk)
+    starts = [index * chunk for index in range(count - 1)] + [length - chunk]
+    return torch.stack([waveforms[:, start : start + chunk] for start in starts], dim=1)

@@ -346,7 +346,7 @@ def test_the_tiny_config_fits_end_to_end_with_reward_and_kl_curves_audio_and_the
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     command = [sys.executable, "-m", "rlmusic_pl", "fit", "--config", str(TINY_CONFIG), f"--trainer.default_root_dir={tmp_path}",
-               "--trainer.enable_progress_bar=false", "--model.duration_s=0.3"]
+               "--trainer.enable_progress_bar=false", "--model.duration_s=0.3", f"--model.export_to={tmp_path / 'exported'}"]
     result = subprocess.run(command, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -358,6 +358,7 @@ def test_the_tiny_config_fits_end_to_end_with_reward_and_kl_curves_audio_and_the
     assert {"train/reward/total", "train/kl", "train/reward/monitor/spectral_centroid"} <= set(events.Tags()["scalars"])
     assert events.Tags()["audio"]
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "exported" / "adapter_model.safetensors").is_file()  # where configs/tiny/musicgen_sweep.yaml reads it
 
 
 @pytest.mark.slow
@@ -366,7 +367,7 @@ def test_ddp_on_two_cpu_processes_keeps_ranks_in_agreement(tmp_path):
            "OMP_NUM_THREADS": "1", "RANK_STATE_DIR": str(tmp_path)}
     command = [
         sys.executable, "-m", "rlmusic_pl", "fit", "--config", str(TINY_CONFIG), "--trainer.strategy=ddp", "--trainer.devices=2",
-        "--trainer.max_epochs=2", f"--trainer.default_root_dir={tmp_path}", "--trainer.limit_val_batches=0",
+        "--trainer.max_epochs=2", f"--trainer.default_root_dir={tmp_path}", f"--model.export_to={tmp_path / 'exported'}", "--trainer.limit_val_batches=0",
         "--trainer.callbacks+=ddp_rank_state.RankState", "--trainer.enable_progress_bar=false", "--model.duration_s=0.2",
         "--model.baseline=per_prompt", "--model.stat_min_count=2", "--data.batch_size=1",
     ]

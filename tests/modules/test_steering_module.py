@@ -121,8 +121,8 @@ def test_bad_settings_are_refused():
         SteeringModule(schedule="cosine", **FAST)
     with pytest.raises(SteeringError, match="inject_chance"):
         SteeringModule(inject_chance=1.5, **FAST)
-    with pytest.raises(ProbeError, match="val_fraction"):
-        SteeringModule(val_fraction=1.0, **FAST)
+    with pytest.raises(ProbeError, match="probe_val_fraction"):
+        SteeringModule(probe_val_fraction=1.0, **FAST)
 
 
 def test_stratified_split_keeps_every_class_on_both_sides():

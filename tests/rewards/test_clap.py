@@ -279,3 +279,25 @@ def test_checkpoint_with_pickled_objects_is_refused_with_advice(laion_state_dict
     torch.save({"state_dict": laion_state_dict, "args": argparse.Namespace(amodel="HTSAT-base")}, path)
     with pytest.raises(ValueError, match=r"with_args.pt: holds a argparse.Namespace object.*re-save only its weights"):
         CLAPReward(model="tiny", checkpoint=str(path))
+
+
+def test_a_clip_of_two_10_s_halves_scores_the_mean_of_the_halves(reward):
+    # MusicRL's MuLan use: the similarity averaged over 10 s chunks (here a low tone, then noise).
+    t = torch.arange(10 * SR) / SR
+    first, second = 0.5 * torch.sin(2 * math.pi * 220 * t), 0.2 * torch.randn(10 * SR, generator=torch.Generator().manual_seed(1))
+    halves = score(reward, torch.stack([first, second]), [PROMPTS[0]] * 2)
+    assert not torch.isclose(halves[0], halves[1])
+    whole = score(reward, torch.cat([first, second])[None], PROMPTS[:1])
+    torch.testing.assert_close(whole, halves.mean()[None])
+    unchunked = CLAPReward(model="tiny", chunk_seconds=None)
+    assert not torch.isclose(score(unchunked, torch.cat([first, second])[None], PROMPTS[:1]), whole)
+
+
+def test_the_last_chunk_is_the_clips_last_chunk_seconds(reward, monkeypatch):
+    seen = []
+    monkeypatch.setattr(reward, "embed_audio", lambda chunks, sr: seen.append(chunks) or torch.ones(len(chunks), 16))
+    wave = torch.arange(25.0)[None]  # 25 "seconds" at 1 Hz: chunks 0-9, 10-19 and the last ten, 15-24
+    score(reward, wave, sample_rate=1)
+    torch.testing.assert_close(seen[0], torch.stack([torch.arange(0.0, 10), torch.arange(10.0, 20), torch.arange(15.0, 25)]))
+    score(reward, wave[:, :7], sample_rate=1)  # no longer than a chunk: scored whole
+    torch.testing.assert_close(seen[1], torch.arange(7.0)[None])
