@@ -1,5 +1,6 @@
 """Benchmark scripts that other benchmarks and configs depend on: the trained tiny backbones, the memory counter; the DPO speed and learning scripts run."""
 
+import json
 import os
 import subprocess
 import sys
@@ -217,3 +218,18 @@ def test_dpo_learning_runs_dpo_and_ddpo_at_matched_judge_calls():
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| Diffusion-DPO | 16 |" in result.stdout and "| DDPO (1 epochs) | 16 |" in result.stdout
+
+
+@pytest.mark.slow
+def test_the_preference_benchmark_runs_its_whole_chain_and_writes_its_table(tmp_path):
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "preference_learning.py"), "--backbone", "tiny", "--out", str(tmp_path),
+        "--prompts", "2", "--clips-per-prompt", "2", "--rm-epochs", "1", "--epochs", "1", "--kl-coefs", "0", "0.1",
+        "--steps", "2", "--duration", "0.5",
+    ]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "held-out pair accuracy" in result.stdout and "| 0.1 |" in result.stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [row["kl_coef"] for row in results["ddpo"]] == [0.0, 0.1]
+    assert (tmp_path / "reward_model" / "reward_model.safetensors").is_file()
