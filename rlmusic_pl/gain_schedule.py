@@ -9,7 +9,8 @@ each call, and ``actions`` lets one batch run a different theta per sample (PPO'
 
 File format (unchanged since the first Stage-2 adapters): ``gain_schedule.safetensors`` in the
 adapter directory, one tensor ``mean`` (theta, flat [D], float32) and metadata ``rlmusic_pl``: the
-JSON of ``GainSchedule.settings`` (``conditioning``, ``per_channel``, ``num_train_timesteps``).
+JSON of ``GainSchedule.settings`` (``conditioning``, ``per_channel``, ``num_train_timesteps``, and since
+``shared`` was added, ``shared``; files without it load as per-layer schedules).
 ``load_gain_schedule`` (used by ``SweepModule`` and the benchmarks) attaches it to a UNet that
 holds the adapter's LoRA.
 """
@@ -58,27 +59,38 @@ class GainSchedule(nn.Module):
             ``strength_step`` (bilinear in s and t / T).
         per_channel: one multiplier per output channel (else one per layer).
         num_train_timesteps: T, to turn timesteps into step fractions.
+        shared: one multiplier for every layer (theta has just the features' K coefficients): it
+            reshapes the slider's strength curve as a whole, a policy small enough for PPO to fit
+            from a few rollouts per step, where one per layer spreads the same signal over K x layers.
     """
 
     def __init__(self, channels: dict[str, int], conditioning: Conditioning = "strength", per_channel: bool = False,
-                 num_train_timesteps: int = 1000) -> None:
+                 num_train_timesteps: int = 1000, shared: bool = False) -> None:
         super().__init__()
         if conditioning not in FEATURES:
             raise ValueError(f"conditioning must be one of {sorted(FEATURES)}, got {conditioning!r}")
+        if shared and per_channel:
+            raise ValueError("a gain schedule is either shared by all layers or per channel, not both")
         self.conditioning = conditioning
         self.per_channel = per_channel
         self.num_train_timesteps = num_train_timesteps
+        self.shared = shared
         self.widths = {name: c if per_channel else 1 for name, c in channels.items()}
-        self.mean = nn.Parameter(torch.zeros(FEATURES[conditioning] * sum(self.widths.values())))
+        coefficients = 1 if shared else sum(self.widths.values())
+        self.mean = nn.Parameter(torch.zeros(FEATURES[conditioning] * coefficients))
         self.actions: Tensor | None = None
 
     @property
     def settings(self) -> dict:
-        return {"conditioning": self.conditioning, "per_channel": self.per_channel, "num_train_timesteps": self.num_train_timesteps}
+        return {"conditioning": self.conditioning, "per_channel": self.per_channel, "num_train_timesteps": self.num_train_timesteps,
+                "shared": self.shared}
 
     def multipliers(self, theta: Tensor, strength: Tensor, step_fraction: Tensor) -> dict[str, Tensor]:
         """Per layer, multipliers [R] (or [R, C] per channel) for theta [R or 1, D] and strengths [R or 1]."""
         features = schedule_features(self.conditioning, strength, step_fraction)[:, :, None]  # [R, K, 1]
+        if self.shared:
+            multiplier = 1 + (features[:, :, 0] * theta).sum(1)
+            return {name: multiplier for name in self.widths}
         result, offset = {}, 0
         for name, width in self.widths.items():
             size = features.shape[1] * width

@@ -29,7 +29,7 @@ def test_a_gain_schedule_file_in_the_first_stage2_format_loads(unet, tmp_path):
     settings = {"conditioning": "strength", "per_channel": False, "num_train_timesteps": 1000}
     save_file({"mean": mean}, str(tmp_path / "gain_schedule.safetensors"), metadata={"rlmusic_pl": json.dumps(settings)})
     schedule = load_gain_schedule(unet, tmp_path)
-    assert schedule.settings == settings
+    assert schedule.settings == {**settings, "shared": False}
     torch.testing.assert_close(schedule.mean.detach(), mean, rtol=0, atol=0)
     assert not schedule.mean.requires_grad
 
@@ -43,7 +43,8 @@ def test_saving_keeps_the_format_and_round_trips(unet, tmp_path):
     assert path == tmp_path / GAIN_SCHEDULE
     with safe_open(str(path), framework="pt") as handle:
         assert list(handle.keys()) == ["mean"]
-        assert json.loads(handle.metadata()["rlmusic_pl"]) == {"conditioning": "strength_step", "per_channel": True, "num_train_timesteps": 500}
+        assert json.loads(handle.metadata()["rlmusic_pl"]) == {
+            "conditioning": "strength_step", "per_channel": True, "num_train_timesteps": 500, "shared": False}
     torch.testing.assert_close(load_gain_schedule(unet, tmp_path).mean, schedule.mean.detach(), rtol=0, atol=0)
 
 
@@ -53,3 +54,24 @@ def test_a_directory_without_a_schedule_gives_none_and_a_wrong_size_is_a_clear_e
     save_file({"mean": torch.zeros(3)}, str(tmp_path / GAIN_SCHEDULE), metadata={"rlmusic_pl": json.dumps(settings)})
     with pytest.raises(LoRAError, match=f"holds 3 coefficients, but the adapter's LoRA layers need {layers(unet)}"):
         load_gain_schedule(unet, tmp_path)
+
+
+def test_a_shared_schedule_gives_every_layer_the_same_multiplier_and_round_trips(unet, tmp_path):
+    channels = {name: layer.gain.numel() for name, layer in scale_layers(unet).items()}
+    schedule = GainSchedule(channels, conditioning="strength", shared=True)
+    assert schedule.mean.numel() == 2
+    multipliers = schedule.multipliers(torch.tensor([[0.5, -0.5]]), torch.tensor([0.0, 0.5, 1.0]), torch.tensor(0.3))
+    assert multipliers.keys() == channels.keys()
+    for value in multipliers.values():
+        torch.testing.assert_close(value, torch.tensor([1.5, 1.25, 1.0]))
+    with torch.no_grad():
+        schedule.mean.copy_(torch.tensor([0.2, -0.1]))
+    save_gain_schedule(schedule, tmp_path)
+    loaded = load_gain_schedule(unet, tmp_path)
+    assert loaded.shared and loaded.settings == schedule.settings
+    torch.testing.assert_close(loaded.mean, schedule.mean.detach(), rtol=0, atol=0)
+
+
+def test_shared_and_per_channel_exclude_each_other():
+    with pytest.raises(ValueError, match="shared by all layers or per channel"):
+        GainSchedule({"a": 4}, shared=True, per_channel=True)

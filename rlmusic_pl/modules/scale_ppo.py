@@ -110,6 +110,9 @@ class ScalePPOModule(AudioLDM2Module):
         rollouts_per_prompt: actions per prompt and noise, in mirrored pairs (even, >= 2).
         conditioning: what the gain multipliers depend on: ``none``, ``strength`` or ``strength_step``.
         per_channel: one multiplier per output channel (else one per LoRA layer).
+        shared_schedule: one multiplier for all LoRA layers (``GainSchedule(shared=True)``): a policy of
+            just the conditioning's 2-4 coefficients, which reshapes the slider's strength curve as a
+            whole; PPO fits it from a few rollouts per step.
         beta: exponent of the stability reward's SSIM target curve ``s**beta``.
         sigma: tolerance of the stability reward's Gaussian score (SSIM units; with
             ``relative_stability``, fractions of each rollout's own SSIM drop).
@@ -148,6 +151,7 @@ class ScalePPOModule(AudioLDM2Module):
         rollouts_per_prompt: int = 2,
         conditioning: Conditioning = "strength",
         per_channel: bool = False,
+        shared_schedule: bool = False,
         beta: float = 1.0,
         sigma: float = 0.1,
         relative_stability: bool = False,
@@ -177,6 +181,8 @@ class ScalePPOModule(AudioLDM2Module):
             raise ValueError(f"rollouts_per_prompt must be even and >= 2 (mirrored pairs), got {rollouts_per_prompt}")
         if conditioning not in FEATURES:
             raise ValueError(f"conditioning must be one of {sorted(FEATURES)}, got {conditioning!r}")
+        if shared_schedule and per_channel:
+            raise ValueError("shared_schedule and per_channel exclude each other: one multiplier for all layers, or one per channel")
         if attribute not in ("probe", "centroid"):
             raise ValueError(f"attribute must be 'probe' or 'centroid', got {attribute!r}")
         check_positive(init_std=init_std, clip_range=clip_range, ppo_epochs=ppo_epochs, duration_s=duration_s, num_steps=num_steps)
@@ -217,8 +223,9 @@ class ScalePPOModule(AudioLDM2Module):
         super().configure_model()
         unet = self.backbone.unet
         channels = {name: layer.gain.numel() for name, layer in scale_layers(unet).items()}
-        self.gain_schedule = GainSchedule(channels, self.hparams.conditioning, self.hparams.per_channel,
-                                          self.backbone.scheduler.config.num_train_timesteps).to(self.device)
+        hp = self.hparams
+        self.gain_schedule = GainSchedule(channels, hp.conditioning, hp.per_channel, self.backbone.scheduler.config.num_train_timesteps,
+                                          hp.shared_schedule).to(self.device)
         self.gain_schedule.attach(unet)
         self.attribute_probe = self._slider_probe()
 

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+from diffusers.training_utils import compute_snr
 from torch import Tensor, nn
 
 from rlmusic_pl.backbone.audioldm2 import AudioLDM2Backbone
@@ -54,6 +54,12 @@ def noised_pair(backbone: AudioLDM2Backbone, positive: Tensor, negative: Tensor,
     timesteps = torch.randint(0, steps, (positive.shape[0],), generator=generator, device=device).to(positive.device)
     add_noise = backbone.scheduler.add_noise
     return NoisedPair(add_noise(positive, noise, timesteps), add_noise(negative, noise, timesteps), noise, timesteps)
+
+
+def weighted_mse(prediction: Tensor, target: Tensor, weights: Tensor) -> Tensor:
+    """Mean over the batch of each sample's MSE [B, ...] times its weight [B]."""
+    per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
+    return (per_sample * weights).mean()
 
 
 @torch.no_grad()
@@ -166,6 +172,10 @@ class SliderModule(AudioLDM2Module):
             response that flattened above 0 for some prompts).
         learning_rate: AdamW learning rate of the LoRA weights.
         weight_decay: AdamW weight decay.
+        snr_gamma: Min-SNR-gamma weighting of the noise MSE per timestep (weight min(SNR, gamma) / SNR,
+            as diffusers' training scripts' ``--snr_gamma``): low-noise steps, which only refine detail,
+            weigh less, so more of the gradient goes to the noisy steps where a global attribute such as
+            brightness is decided. None (default) weighs every timestep alike.
         val_strengths: strengths generated at in validation and testing (from one noise per prompt).
         val_num_steps: DDIM steps of validation generation.
         val_guidance_scale: classifier-free guidance scale of validation generation.
@@ -185,6 +195,7 @@ class SliderModule(AudioLDM2Module):
         strengths: list[float] = [0.5, 1.0],  # noqa: B006 (jsonargparse needs a list default)
         learning_rate: float = 2e-4,
         weight_decay: float = 0.0,
+        snr_gamma: float | None = None,
         val_strengths: list[float] = [-1.0, -0.5, 0.0, 0.5, 1.0],  # noqa: B006
         val_num_steps: int = 50,
         val_guidance_scale: float = 3.5,
@@ -202,6 +213,8 @@ class SliderModule(AudioLDM2Module):
         if not 0.0 <= start_fraction <= 1.0:
             raise ValueError(f"start_fraction must be in [0, 1], got {start_fraction}")
         check_positive(val_num_steps=val_num_steps, duration_s=duration_s)
+        if snr_gamma is not None:
+            check_positive(snr_gamma=snr_gamma)
         self.attribute_probe: AttributeProbe | None = None
         self.contrast_labels: dict[str, str] = {}
         self._generator: torch.Generator | None = None
@@ -268,7 +281,16 @@ class SliderModule(AudioLDM2Module):
         latents = torch.cat([pair.positive, pair.negative])
         eps = self.backbone.predict_noise(latents, torch.cat([pair.timesteps, pair.timesteps]), PromptConditioning.cat([cond, cond]), 1.0)
         eps_positive, eps_negative = eps.float().chunk(2)
-        return F.mse_loss(eps_positive, pair.noise.float()), F.mse_loss(eps_negative, pair.noise.float())
+        weights = self.timestep_weights(pair.timesteps)
+        return weighted_mse(eps_positive, pair.noise, weights), weighted_mse(eps_negative, pair.noise, weights)
+
+    def timestep_weights(self, timesteps: Tensor) -> Tensor:
+        """Per-sample loss weights [B]: Min-SNR-gamma's min(SNR, gamma) / SNR, or ones."""
+        gamma = self.hparams.snr_gamma
+        if gamma is None:
+            return torch.ones(timesteps.shape, device=timesteps.device)
+        snr = compute_snr(self.backbone.scheduler, timesteps).to(timesteps.device)
+        return snr.clamp(max=gamma) / snr
 
     # --------------------------------------------------------------------------- evaluation
     def validation_step(self, batch: dict, batch_idx: int) -> dict:

@@ -49,19 +49,27 @@ def prompt_inputs(backbone, seed=1):
     return backbone.encode_prompts(PROMPTS), backbone.initial_latents(len(PROMPTS), DURATION, torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("conditioning, per_channel", [("strength", False), ("strength_step", True)])
-def test_at_initialisation_stage2_generates_exactly_what_stage1_does(slider_dir, conditioning, per_channel):
+SCHEDULES = [
+    {"conditioning": "strength", "per_channel": False},
+    {"conditioning": "strength_step", "per_channel": True},
+    {"conditioning": "strength", "shared_schedule": True},
+]
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_at_initialisation_stage2_generates_exactly_what_stage1_does(slider_dir, schedule):
     stage1 = AudioLDM2Backbone.load("tiny")
     load_lora(stage1.unet, slider_dir)
-    module = stage2(slider_dir, conditioning=conditioning, per_channel=per_channel)
+    module = stage2(slider_dir, **schedule)
     cond, noise = prompt_inputs(stage1)
     expected = generate_at_strengths(stage1, cond, noise, GRID, STEPS, 3.5)
     assert torch.equal(module.generate(cond, noise, None), expected)
     assert not torch.equal(expected[: len(PROMPTS)], expected[-len(PROMPTS) :])  # the slider does change the output
 
 
-def test_each_rollout_of_a_batch_runs_its_own_gains(slider_dir):
-    module = stage2(slider_dir, conditioning="strength_step", per_channel=True)
+@pytest.mark.parametrize("schedule", SCHEDULES[1:])
+def test_each_rollout_of_a_batch_runs_its_own_gains(slider_dir, schedule):
+    module = stage2(slider_dir, **schedule)
     cond, noise = prompt_inputs(module.backbone)
     actions = module.sample_actions(1, torch.Generator().manual_seed(0))  # a mirrored pair
     both = module.generate(cond[[0, 0]], noise[[0, 0]], actions)
@@ -83,6 +91,12 @@ def test_the_centroid_attribute_and_relative_stability_score_the_decoded_audio(s
     assert rewards.components["stability"].shape == (len(PROMPTS),)
     with pytest.raises(ValueError, match="attribute must be"):
         stage2(slider_dir, attribute="loudness")
+
+
+def test_a_shared_schedule_is_a_policy_of_the_conditionings_coefficients_alone(slider_dir):
+    assert stage2(slider_dir, conditioning="strength_step", shared_schedule=True).gain_schedule.mean.numel() == 4
+    with pytest.raises(ValueError, match="shared_schedule and per_channel"):
+        stage2(slider_dir, shared_schedule=True, per_channel=True)
 
 
 def test_a_stage2_step_changes_only_the_scale_policy_and_exports_an_adapter_the_sweep_applies(slider_dir, tmp_path):

@@ -1,5 +1,6 @@
 """SliderModule (Stage 1): paired objective, gradients, per-sample strengths, and a measured slider effect."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -67,6 +68,38 @@ def test_positive_side_runs_at_plus_s_and_negative_side_at_minus_s():
         with torch.no_grad(), lora_strength(unet, sign * 0.5):
             eps = module.backbone.predict_noise(noisy, pair.timesteps, cond, 1.0)
         torch.testing.assert_close(loss, torch.nn.functional.mse_loss(eps, pair.noise), rtol=1e-4, atol=1e-6)
+
+
+def test_snr_gamma_weighs_low_noise_timesteps_down_and_leaves_noisy_ones_whole():
+    module = tiny_slider(snr_gamma=5.0)
+    scheduler = module.backbone.scheduler
+    timesteps = torch.tensor([0, 100, 500, 999])
+    snr = scheduler.alphas_cumprod[timesteps] / (1 - scheduler.alphas_cumprod[timesteps])
+    weights = module.timestep_weights(timesteps)
+    torch.testing.assert_close(weights, torch.where(snr > 5.0, 5.0 / snr, torch.ones_like(snr)))
+    assert weights[0] < 0.1 and weights[-1] == 1.0
+    assert torch.equal(tiny_slider().timestep_weights(timesteps), torch.ones(4))
+
+
+def test_snr_gamma_weights_each_pairs_loss():
+    module = tiny_slider(snr_gamma=1.0)
+    perturb_lora(module)
+    positive, negative = batch_of_latents(module)
+    pair = noised_pair(module.backbone, positive, negative, torch.Generator().manual_seed(0))
+    pair = dataclasses.replace(pair, timesteps=torch.tensor([0, 50, 999]))  # one low-noise, one noisy step at least
+    cond = module.backbone.encode_prompts(["a"] * 3)
+    loss_positive, _ = module.slider_losses(pair, cond, 1.0)
+    with torch.no_grad(), lora_strength(module.backbone.unet, 1.0):
+        eps = module.backbone.predict_noise(pair.positive, pair.timesteps, cond, 1.0)
+    per_pair = (eps - pair.noise).pow(2).flatten(1).mean(1)
+    expected = (per_pair * module.timestep_weights(pair.timesteps)).mean()
+    torch.testing.assert_close(loss_positive, expected, rtol=1e-4, atol=1e-6)
+    assert not torch.isclose(loss_positive, per_pair.mean())
+
+
+def test_snr_gamma_must_be_positive():
+    with pytest.raises(ValueError, match="snr_gamma"):
+        SliderModule(backbone="tiny", snr_gamma=0.0)
 
 
 def test_only_lora_weights_receive_gradients():
