@@ -62,6 +62,19 @@ def test_train_tiny_backbone_retrains_only_the_named_stages_of_an_existing_model
             assert torch.equal(a, b), f"{name} changed although only the vocoder was retrained"
 
 
+def test_the_vocoder_loss_sees_the_drift_below_the_mels_lowest_band():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from train_tiny_backbone import linear_magnitude_loss
+    from rlmusic_pl.data.audio import log_mel
+
+    time = torch.arange(16000) / 16000
+    clip = (0.3 * torch.sin(2 * torch.pi * 220 * time) + 0.1 * torch.sin(2 * torch.pi * 660 * time))[None]
+    drifted = clip + 0.3 * torch.cos(2 * torch.pi * 5 * time)  # a slow drift, as the untreated tiny vocoder made
+    assert linear_magnitude_loss(clip, clip).item() < 0.02  # the window's leakage below 40 Hz alone
+    mel_alone = ((log_mel(drifted).exp() - log_mel(clip).exp()).norm() / log_mel(clip).exp().norm()).item()
+    assert linear_magnitude_loss(drifted, clip).item() > 5 * mel_alone  # the mel's lowest band sees little of it
+
+
 def test_slider_audio_trains_the_slider_and_reports_the_audio_figures(trained_backbone, tmp_path):
     out, _ = trained_backbone
     command = [
