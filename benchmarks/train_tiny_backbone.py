@@ -8,9 +8,11 @@ working text-to-audio model on synthetic data (``rlmusic_pl.data.synthetic``: no
 pitch, timing and brightness):
 
 1. the vocoder learns mel -> waveform (L1 between the log-mels of its output and of the clip, plus a
-   linear-magnitude term; a HiFi-GAN of 32 channels with V1's dilations 1, 3, 5): with the log-mel
-   L1 alone and 16 channels it rendered bright and dull mels at the same audio centroid
-   (``benchmarks/brightness_chain.py``), so nothing that moved the latents could move the audio's brightness;
+   linear-magnitude term: mel spectral convergence and the output's drift below 40 Hz; a HiFi-GAN of
+   32 channels with V1's dilations 1, 3, 5): with the log-mel L1 alone and 16 channels it rendered
+   bright and dull mels at the same audio centroid (``benchmarks/brightness_chain.py``), so nothing
+   that moved the latents could move the audio's brightness, and without the drift term a third of its
+   output sat below the mel's lowest band;
 2. the VAE learns to auto-encode the log-mels; its scaling factor is set so latents have unit std;
 3. the UNet learns to predict the noise of noised latents (DDPM objective, the scheduler's betas),
    conditioned on prompts unrelated to the audio (and the empty prompt 10% of the time).
