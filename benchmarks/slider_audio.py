@@ -15,7 +15,9 @@ slider switched on after ``--start-fraction`` of the steps) and prints:
 With ``--stage2 DIR`` it also sweeps [0, 1] on ``--grid`` strengths with the slider and with the
 Stage-2 adapter and prints the audio centroid's linearity (R², largest neighbouring jump over the
 range, range) for both, and the spread over rollouts of the mel-SSIM stability reward, absolute and
-relative (``SpectralStabilityReward(relative=True)``).
+relative (``SpectralStabilityReward(relative=True)``). ``--schedule COND:THETA ...`` adds hand-set
+gain schedules shared by all layers (e.g. ``interior:0.2,0.2``, multiplier ``1 + (1 - s)(0.2 + 0.2 s)``),
+to see what Stage 2 could gain on a slider before running PPO.
 
     python benchmarks/train_tiny_backbone.py runs/tiny-trained
     python benchmarks/slider_audio.py --backbone runs/tiny-trained
@@ -38,8 +40,8 @@ from torch import Tensor
 
 from rlmusic_pl.backbone.audioldm2 import AudioLDM2Backbone
 from rlmusic_pl.data.synthetic import NEGATIVE, POSITIVE
-from rlmusic_pl.gain_schedule import load_gain_schedule
-from rlmusic_pl.lora import load_lora
+from rlmusic_pl.gain_schedule import FEATURES, GainSchedule, load_gain_schedule
+from rlmusic_pl.lora import load_lora, scale_layers
 from rlmusic_pl.modules.slider import generate_at_strengths
 from rlmusic_pl.rewards.stability import SpectralStabilityReward, StrengthSweep, linearity
 
@@ -108,19 +110,49 @@ def report_slider(args: argparse.Namespace, slider: str) -> dict[str, float]:
     return {"moved": moved, "train_diff": train_diff, "monotone": monotone, "base_diff": base_diff}
 
 
-def report_linearity(args: argparse.Namespace, slider: str, stage2: str) -> None:
+def hand_set_schedule(args: argparse.Namespace, slider: str, conditioning: str, theta: list[float]) -> AudioLDM2Backbone:
+    """The slider with a shared gain schedule of ``conditioning`` and coefficients ``theta`` (``GainSchedule(shared=True)``)."""
+    backbone = load(args, slider)
+    channels = {name: layer.gain.numel() for name, layer in scale_layers(backbone.unet).items()}
+    schedule = GainSchedule(channels, conditioning, num_train_timesteps=backbone.scheduler.config.num_train_timesteps, shared=True)
+    schedule.mean.data.copy_(torch.tensor(theta))
+    schedule.requires_grad_(False)
+    schedule.attach(backbone.unet)
+    return backbone
+
+
+def report_linearity(args: argparse.Namespace, slider: str) -> None:
     strengths = torch.linspace(0, 1, args.grid)
     print(f"audio centroid against strength on [0, 1] ({args.grid} strengths), means over (prompt, seed)")
     print(f"and the stability reward (sigma {args.sigma}) per rollout, mean (std): absolute and relative to the rollout's own SSIM drop")
-    print(f"{'':8s} {'R2':>7s} {'max jump':>9s} {'range':>7s} {'absolute':>16s} {'relative':>16s}   (even rise: R2 1, max jump {1 / (args.grid - 1):.3f})")
+    print(f"{'':24s} {'R2':>7s} {'max jump':>9s} {'range':>7s} {'absolute':>16s} {'relative':>16s}   (even rise: R2 1, max jump {1 / (args.grid - 1):.3f})")
     rewards = {kind: SpectralStabilityReward(sigma=args.sigma, relative=kind == "relative") for kind in ("absolute", "relative")}
-    for name, adapter in (("Stage 1", slider), ("Stage 2", stage2)):
-        backbone = load(args, adapter)
+    variants = {"Stage 1": lambda: load(args, slider)}
+    if args.stage2:
+        variants["Stage 2"] = lambda: load(args, args.stage2)
+    for conditioning, theta in args.schedule:
+        variants[f"{conditioning}:{','.join(f'{x:g}' for x in theta)}"] = lambda c=conditioning, th=theta: hand_set_schedule(args, slider, c, th)
+    for name, build in variants.items():
+        backbone = build()
         audio, _, waves = sweep(backbone, strengths.tolist(), args)
         r2, max_jump = linearity(audio, strengths)
         stability = {kind: reward.evaluate(StrengthSweep(waves, strengths, backbone.sample_rate)).total for kind, reward in rewards.items()}
         spreads = "".join(f" {v.mean():8.4f} ({v.std():.4f})" for v in stability.values())
-        print(f"{name:8s} {r2.mean():7.4f} {max_jump.mean():9.4f} {(audio[-1] - audio[0]).mean():7.4f}{spreads}")
+        print(f"{name:24s} {r2.mean():7.4f} {max_jump.mean():9.4f} {(audio[-1] - audio[0]).mean():7.4f}{spreads}", flush=True)
+
+
+def schedule_spec(text: str) -> tuple[str, list[float]]:
+    """``CONDITIONING:THETA,...`` (e.g. ``interior:0.2,0.2``) -> (conditioning, coefficients), checked."""
+    conditioning, _, numbers = text.partition(":")
+    if conditioning not in FEATURES:
+        raise argparse.ArgumentTypeError(f"{text!r}: the conditioning must be one of {sorted(FEATURES)}")
+    try:
+        theta = [float(x) for x in numbers.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected numbers after the colon, e.g. interior:0.2,0.2") from None
+    if len(theta) != FEATURES[conditioning]:
+        raise argparse.ArgumentTypeError(f"{text!r}: {conditioning} takes {FEATURES[conditioning]} coefficients, got {len(theta)}")
+    return conditioning, theta
 
 
 def main() -> None:
@@ -135,7 +167,10 @@ def main() -> None:
     parser.add_argument("--prompts", nargs="+", default=HELD_OUT_PROMPTS, help="held-out prompts (not the config's)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[101, 102, 103], help="noise seeds training never draws")
     parser.add_argument("--strengths", nargs="+", type=float, default=[-1.0, -0.5, 0.0, 0.5, 1.0])
-    parser.add_argument("--grid", type=int, default=9, help="strengths from 0 to 1 for the linearity (with --stage2)")
+    parser.add_argument("--schedule", nargs="+", type=schedule_spec, default=[], metavar="COND:THETA",
+                        help="hand-set gain schedules shared by all layers on the slider, e.g. interior:0.2,0.2 "
+                             "(1 + (1 - s)(0.2 + 0.2 s)) or strength_step:0,0,-1,0: their linearity too")
+    parser.add_argument("--grid", type=int, default=9, help="strengths from 0 to 1 for the linearity (with --stage2 or --schedule)")
     parser.add_argument("--sigma", type=float, default=0.2, help="tolerance of the stability rewards reported with --stage2")
     parser.add_argument("--num-steps", type=int, default=10)
     parser.add_argument("--guidance-scale", type=float, default=3.5)
@@ -148,8 +183,8 @@ def main() -> None:
     torch.set_num_threads(1)
     slider = args.slider or train_slider(args)
     report_slider(args, slider)
-    if args.stage2:
-        report_linearity(args, slider, args.stage2)
+    if args.stage2 or args.schedule:
+        report_linearity(args, slider)
 
 
 if __name__ == "__main__":

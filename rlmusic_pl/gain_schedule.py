@@ -30,8 +30,8 @@ from rlmusic_pl.data.audio import atomic_write
 from rlmusic_pl.lora import LoRAError, scale_layers
 
 GAIN_SCHEDULE = "gain_schedule.safetensors"
-Conditioning = Literal["none", "strength", "strength_step"]
-FEATURES = {"none": 1, "strength": 2, "strength_step": 4}
+Conditioning = Literal["none", "strength", "strength_step", "interior"]
+FEATURES = {"none": 1, "strength": 2, "strength_step": 4, "interior": 2}
 
 
 def schedule_features(conditioning: str, strength: Tensor, step_fraction: Tensor) -> Tensor:
@@ -41,6 +41,9 @@ def schedule_features(conditioning: str, strength: Tensor, step_fraction: Tensor
         return one[:, None]
     if conditioning == "strength":
         return torch.stack([one, strength], 1)
+    if conditioning == "interior":
+        # Both features vanish at s = 1, so the full-strength slider (and the range it spans) stays Stage 1's.
+        return torch.stack([one - strength, strength * (one - strength)], 1)
     tau = step_fraction.to(strength).expand_as(strength)
     return torch.stack([one, strength, tau, strength * tau], 1)
 
@@ -55,8 +58,9 @@ class GainSchedule(nn.Module):
 
     Args:
         channels: output channels of each LoRA layer's scale layer, by layer name (UNet order).
-        conditioning: ``none`` (one multiplier per layer/channel), ``strength`` (linear in s) or
-            ``strength_step`` (bilinear in s and t / T).
+        conditioning: ``none`` (one multiplier per layer/channel), ``strength`` (linear in s),
+            ``strength_step`` (bilinear in s and t / T) or ``interior`` (``1 + (1 - s)(a + b s)``: 1 at
+            s = 1, so it reshapes only the strengths between 0 and 1 and keeps the slider's range).
         per_channel: one multiplier per output channel (else one per layer).
         num_train_timesteps: T, to turn timesteps into step fractions.
         shared: one multiplier for every layer (theta has just the features' K coefficients): it

@@ -81,7 +81,7 @@ def test_slider_audio_trains_the_slider_and_reports_the_audio_figures(trained_ba
     command = [
         sys.executable, str(ROOT / "benchmarks" / "slider_audio.py"), "--backbone", str(out), "--export-to", str(tmp_path / "slider"),
         "--root-dir", str(tmp_path / "run"), "--sets", str(tmp_path / "sets"), "--count", "2", "--prompts", "a soft flute",
-        "--seeds", "5", "--num-steps", "2", "--stage2", str(tmp_path / "slider"), "--grid", "3",
+        "--seeds", "5", "--num-steps", "2", "--stage2", str(tmp_path / "slider"), "--grid", "3", "--schedule", "interior:0,0", "interior:0.5,-0.5",
         "--fit-args", f"--data.init_args.contrast.init_args.directory={tmp_path / 'sets'}", "--data.init_args.contrast.init_args.count=2",
         "--trainer.max_epochs=1", "--trainer.check_val_every_n_epoch=1", "--model.val_num_steps=2",
     ]
@@ -92,6 +92,11 @@ def test_slider_audio_trains_the_slider_and_reports_the_audio_figures(trained_ba
         assert line in result.stdout, result.stdout
     base_diff = float(result.stdout.split("largest waveform difference ")[1].split()[0])
     assert base_diff < 1e-4, "the unsteered output (s = 0) is not the base model's"
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith(("Stage 1", "interior:"))]
+    figures = {" ".join(row[:-7]): row[-7:] for row in rows}  # R2, max jump, range, two stability means (stds)
+    assert figures["interior:0,0"] == figures["Stage 1"]  # a zero schedule is the slider itself
+    assert figures["interior:0.5,-0.5"][2] == figures["Stage 1"][2]  # the range (s = 1 untouched)
+    assert figures["interior:0.5,-0.5"][0] != figures["Stage 1"][0]  # the strength between is bent
 
 
 @pytest.mark.slow

@@ -75,3 +75,14 @@ def test_a_shared_schedule_gives_every_layer_the_same_multiplier_and_round_trips
 def test_shared_and_per_channel_exclude_each_other():
     with pytest.raises(ValueError, match="shared by all layers or per channel"):
         GainSchedule({"a": 4}, shared=True, per_channel=True)
+
+
+def test_an_interior_schedule_keeps_the_full_strength_slider_and_bends_the_strengths_between():
+    schedule = GainSchedule({"a": 4, "b": 4}, conditioning="interior", shared=True)
+    assert schedule.mean.numel() == 2
+    theta = torch.tensor([[0.4, -0.2], [-0.3, 0.6]])  # one row per sample
+    multipliers = schedule.multipliers(theta, torch.tensor([1.0, 0.5]), torch.tensor(0.7))
+    # s = 1: 1 whatever theta and step; s = 0.5: 1 + (1 - 0.5) * (-0.3 + 0.6 * 0.5) = 1.
+    torch.testing.assert_close(multipliers["a"], torch.tensor([1.0, 1.0]))
+    bent = schedule.multipliers(torch.tensor([[0.4, -0.2]]), torch.tensor([0.25, 0.5]), torch.tensor(0.7))["b"]
+    torch.testing.assert_close(bent, torch.tensor([1 + 0.75 * (0.4 - 0.05), 1 + 0.5 * (0.4 - 0.1)]))

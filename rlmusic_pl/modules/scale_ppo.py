@@ -14,7 +14,8 @@ PPO as a contextual bandit, one training step per batch of prompts:
      intermediate strengths and the even rise of the Stage-1 attribute (``rewards.stability``);
   4. ``ppo_epochs`` full-batch steps of: the clipped surrogate on the actions' log-probs with
      advantages (reward - value baseline) / reward std, a value loss, an entropy bonus and a
-     penalty keeping theta (the gains) near its start.
+     penalty keeping theta (the gains) near its start. With ``context_advantages`` the baseline of a
+     rollout is instead the mean reward of the rollouts that share its prompt and noise.
 
 The UNet is never differentiated: the generation runs without gradients and the loss only involves
 the policy's Gaussian, so a step costs one batched generation. Optimisation is manual (several
@@ -69,6 +70,13 @@ def check_slider_settings(directory: Path, saved: LoRASettings, configured: LoRA
         raise LoRAError(f"slider {directory}: its LoRA has {', '.join(differ)}; set lora_rank/lora_alpha/lora_targets to the slider's")
 
 
+def within_context(rewards: Tensor, rollouts_per_context: int) -> Tensor:
+    """Advantages [N] of rewards [N] grouped by context (``rollouts_per_context`` consecutive rollouts each):
+    reward minus its context's mean, over the std of all these differences."""
+    centred = rewards - rewards.view(-1, rollouts_per_context).mean(1).repeat_interleave(rollouts_per_context)
+    return centred / (centred.std() + 1e-6)
+
+
 @dataclass
 class PPOTerms:
     """The Stage-2 loss and its parts (all scalars)."""
@@ -108,7 +116,9 @@ class ScalePPOModule(AudioLDM2Module):
             must hold the attribute probe when ``monotonicity_weight`` is not 0.
         strengths: the strength grid of every rollout, increasing from 0 to 1.
         rollouts_per_prompt: actions per prompt and noise, in mirrored pairs (even, >= 2).
-        conditioning: what the gain multipliers depend on: ``none``, ``strength`` or ``strength_step``.
+        conditioning: what the gain multipliers depend on: ``none``, ``strength``, ``strength_step`` or
+            ``interior`` (multipliers of the strength that are 1 at s = 1: the full-strength slider and its
+            range stay Stage 1's, PPO bends only the strengths between).
         per_channel: one multiplier per output channel (else one per LoRA layer).
         shared_schedule: one multiplier for all LoRA layers (``GainSchedule(shared=True)``): a policy of
             just the conditioning's 2-4 coefficients, which reshapes the slider's strength curve as a
@@ -129,6 +139,10 @@ class ScalePPOModule(AudioLDM2Module):
         clip_range: PPO ratio clip epsilon.
         ppo_epochs: optimisation steps on each batch of rollouts.
         entropy_coef: weight of the policy's entropy (per coefficient) bonus.
+        context_advantages: advantages relative to the other rollouts of the same prompt and noise
+            (reward minus their mean, over the std of these differences) instead of the value baseline:
+            the mirrored actions then differ only in theta, so differences between prompts, which can
+            dwarf those between actions, drop out of the gradient.
         value_coef: weight of the value baseline's squared error (the baseline starts at the first
             batch's mean reward).
         gain_penalty: weight of the mean squared policy mean theta (multipliers' distance from 1).
@@ -162,6 +176,7 @@ class ScalePPOModule(AudioLDM2Module):
         learn_std: bool = True,
         clip_range: float = 0.2,
         ppo_epochs: int = 4,
+        context_advantages: bool = False,
         entropy_coef: float = 0.0,
         value_coef: float = 0.5,
         gain_penalty: float = 0.1,
@@ -321,7 +336,10 @@ class ScalePPOModule(AudioLDM2Module):
             if self.steps_sampled == 1:  # a baseline of 0 would make every first advantage positive
                 self.value.fill_(rewards.mean())
             old_log_prob = self.policy().log_prob(actions).sum(-1)
-            advantages = (rewards - self.value) / (rewards.std() + 1e-6)
+            if self.hparams.context_advantages:
+                advantages = within_context(rewards, self.hparams.rollouts_per_prompt)
+            else:
+                advantages = (rewards - self.value) / (rewards.std() + 1e-6)
         history: dict[str, list[Tensor]] = {}
         for _ in range(self.hparams.ppo_epochs):
             terms = self.ppo_loss(actions, old_log_prob, advantages, rewards)

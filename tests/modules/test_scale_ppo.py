@@ -15,6 +15,7 @@ from rlmusic_pl.data import PromptAttributeDataModule
 from rlmusic_pl.gain_schedule import GAIN_SCHEDULE
 from rlmusic_pl.lora import LoRAError, load_lora, lora_parameters, save_lora
 from rlmusic_pl.modules import GainSchedule, ScalePPOModule, SliderModule, SweepModule, generate_at_strengths
+from rlmusic_pl.modules.scale_ppo import within_context
 from rlmusic_pl.rewards.simple import SpectralCentroidReward
 
 DURATION = 0.5
@@ -81,6 +82,16 @@ def test_each_rollout_of_a_batch_runs_its_own_gains(slider_dir, schedule):
     assert not torch.allclose(both[-2], both[-1], atol=1e-3)  # the two actions differ at strength 1
 
 
+def test_an_interior_schedule_bends_intermediate_strengths_and_leaves_full_strength_to_stage1(slider_dir):
+    module = stage2(slider_dir, conditioning="interior", shared_schedule=True, init_std=0.5)
+    cond, noise = prompt_inputs(module.backbone)
+    actions = module.sample_actions(1, torch.Generator().manual_seed(0))  # a mirrored pair
+    bent = module.generate(cond[[0, 0]], noise[[0, 0]], actions)
+    stage1 = module.generate(cond[[0, 0]], noise[[0, 0]], None)
+    torch.testing.assert_close(bent[-2:], stage1[-2:], atol=1e-5, rtol=1e-5)  # s = 1
+    assert not torch.allclose(bent[2:4], stage1[2:4], atol=1e-3)  # an intermediate strength
+
+
 def test_the_centroid_attribute_and_relative_stability_score_the_decoded_audio(slider_dir):
     module = stage2(slider_dir, attribute="centroid", relative_stability=True)
     assert module.reward.rewards["stability"].relative
@@ -97,6 +108,25 @@ def test_a_shared_schedule_is_a_policy_of_the_conditionings_coefficients_alone(s
     assert stage2(slider_dir, conditioning="strength_step", shared_schedule=True).gain_schedule.mean.numel() == 4
     with pytest.raises(ValueError, match="shared_schedule and per_channel"):
         stage2(slider_dir, shared_schedule=True, per_channel=True)
+
+
+def test_context_advantages_compare_each_rollout_with_those_of_its_prompt_and_noise():
+    advantages = within_context(torch.tensor([1.0, 3.0, 10.0, 14.0]), 2)
+    centred = torch.tensor([-1.0, 1.0, -2.0, 2.0])  # the contexts' means 2 and 12 drop out
+    torch.testing.assert_close(advantages, centred / centred.std(), atol=1e-5, rtol=1e-5)
+
+
+def test_a_stage2_step_with_context_advantages_feeds_them_to_the_ppo_loss(slider_dir, tmp_path, monkeypatch):
+    module = stage2(slider_dir, rollouts_per_prompt=2, ppo_epochs=1, context_advantages=True)
+    seen = []
+    ppo_loss = module.ppo_loss
+    monkeypatch.setattr(module, "ppo_loss", lambda actions, old, advantages, rewards: seen.append((advantages, rewards)) or ppo_loss(actions, old, advantages, rewards))
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(module, PromptAttributeDataModule(prompts=PROMPTS, batch_size=2))
+    advantages, rewards = seen[0]
+    torch.testing.assert_close(advantages, within_context(rewards, 2))
+    assert advantages.abs().sum() > 0
 
 
 def test_a_stage2_step_changes_only_the_scale_policy_and_exports_an_adapter_the_sweep_applies(slider_dir, tmp_path):
