@@ -107,7 +107,9 @@ class PromptAttributeDataModule(LightningDataModule):
                 raise PromptError(f"{name} must be at least 1, got {count}")
         if template_values and template is None:
             raise PromptError("template_values given without a template")
-        self.save_hyperparameters(ignore=["contrast", "preferences"])
+        # Not logged: Lightning refuses a model and a data module whose hparams share a key (``seed``) with
+        # different values; LightningCLI's config.yaml and the checkpoint still record them.
+        self.save_hyperparameters(ignore=["contrast", "preferences"], logger=False)
         self.contrast = contrast
         self.preferences = preferences
         self.items: list[PromptItem] | None = None

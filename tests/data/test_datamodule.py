@@ -164,3 +164,25 @@ def test_configurable_from_yaml_like_lightning_cli():
     data = parser.instantiate(config).data
     assert [item["prompt"] for item in data.split("predict")] == ["plain", "tagged", "A happy piano"]
     assert data.hparams.negative_prompt == "noise"
+
+
+def test_a_model_and_a_data_module_may_use_different_seeds_under_a_logger(tmp_path):
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    class Seeded(L.LightningModule):
+        def __init__(self, seed: int = 1) -> None:
+            super().__init__()
+            self.save_hyperparameters()
+            self.weight = torch.nn.Parameter(torch.ones(1))
+
+        def training_step(self, batch, batch_idx):
+            return self.weight.pow(2).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=CSVLogger(tmp_path), enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(Seeded(seed=1), PromptAttributeDataModule(prompts=numbered(4), batch_size=2, seed=0))
+    assert trainer.global_step == 1
