@@ -40,8 +40,8 @@ from torch import Tensor
 
 from rlmusic_pl.backbone.audioldm2 import AudioLDM2Backbone
 from rlmusic_pl.data.synthetic import NEGATIVE, POSITIVE
-from rlmusic_pl.gain_schedule import FEATURES, GainSchedule, load_gain_schedule
-from rlmusic_pl.lora import load_lora, scale_layers
+from rlmusic_pl.gain_schedule import FEATURES, attach_fixed_schedule, load_gain_schedule
+from rlmusic_pl.lora import load_lora
 from rlmusic_pl.modules.slider import generate_at_strengths
 from rlmusic_pl.rewards.stability import SpectralStabilityReward, StrengthSweep, linearity
 
@@ -113,11 +113,8 @@ def report_slider(args: argparse.Namespace, slider: str) -> dict[str, float]:
 def hand_set_schedule(args: argparse.Namespace, slider: str, conditioning: str, theta: list[float]) -> AudioLDM2Backbone:
     """The slider with a shared gain schedule of ``conditioning`` and coefficients ``theta`` (``GainSchedule(shared=True)``)."""
     backbone = load(args, slider)
-    channels = {name: layer.gain.numel() for name, layer in scale_layers(backbone.unet).items()}
-    schedule = GainSchedule(channels, conditioning, num_train_timesteps=backbone.scheduler.config.num_train_timesteps, shared=True)
-    schedule.mean.data.copy_(torch.tensor(theta))
-    schedule.requires_grad_(False)
-    schedule.attach(backbone.unet)
+    attach_fixed_schedule(backbone.unet, torch.tensor(theta), conditioning=conditioning, shared=True,
+                          num_train_timesteps=backbone.scheduler.config.num_train_timesteps)
     return backbone
 
 

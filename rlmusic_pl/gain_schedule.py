@@ -144,13 +144,25 @@ def load_gain_schedule(unet: nn.Module, directory: str | Path) -> GainSchedule |
             mean = handle.get_tensor("mean")
     except Exception as err:  # safetensors, json and a missing key raise their own error types
         raise LoRAError(f"{path}: not a readable gain schedule ({err})") from err
-    channels = {name: layer.gain.numel() for name, layer in scale_layers(unet).items()}
     try:
-        schedule = GainSchedule(channels, **settings).to(unet.device)
+        return attach_fixed_schedule(unet, mean, **settings)
     except TypeError as err:
         raise LoRAError(f"{path}: gain schedule settings {settings} do not fit this version ({err})") from err
+    except LoRAError as err:
+        raise LoRAError(f"{path}: {err}") from err
+
+
+def lora_channels(unet: nn.Module) -> dict[str, int]:
+    """Output channels of every LoRA scale layer of ``unet``, by layer name (what ``GainSchedule`` is built for)."""
+    return {name: layer.gain.numel() for name, layer in scale_layers(unet).items()}
+
+
+def attach_fixed_schedule(unet: nn.Module, mean: Tensor, **settings) -> GainSchedule:
+    """A frozen ``GainSchedule(**settings)`` with coefficients ``mean``, attached to ``unet`` (which holds the
+    LoRA); LoRAError if ``mean`` does not fit its LoRA layers."""
+    schedule = GainSchedule(lora_channels(unet), **settings).to(unet.device)
     if schedule.mean.shape != mean.shape:
-        raise LoRAError(f"{path}: holds {mean.numel()} coefficients, but the adapter's LoRA layers need {schedule.mean.numel()}")
+        raise LoRAError(f"holds {mean.numel()} coefficients, but the adapter's LoRA layers need {schedule.mean.numel()}")
     schedule.mean.data.copy_(mean)
     schedule.requires_grad_(False)
     schedule.attach(unet)

@@ -44,9 +44,10 @@ from torch.distributions import Normal
 
 from rlmusic_pl.backbone.conditioning import PromptConditioning
 from rlmusic_pl.callbacks.samples import SampleBatch
-from rlmusic_pl.gain_schedule import FEATURES, GAIN_SCHEDULE, Conditioning, GainSchedule, save_gain_schedule
-from rlmusic_pl.lora import SCALE_WEIGHTS, LoRAError, LoRASettings, load_lora, lora_parameters, read_adapter_info, scale_layers
+from rlmusic_pl.gain_schedule import FEATURES, GAIN_SCHEDULE, Conditioning, GainSchedule, lora_channels, save_gain_schedule
+from rlmusic_pl.lora import SCALE_WEIGHTS, LoRAError, LoRASettings, load_lora, lora_parameters, read_adapter_info
 from rlmusic_pl.modules.base import AudioLDM2Module, CheckpointError, check_positive
+from rlmusic_pl.modules.advantages import leave_one_out_advantages
 from rlmusic_pl.modules.ppo import clipped_surrogate
 from rlmusic_pl.modules.slider import AttributeProbe, attribute_probe_from, generate_at_strengths
 from rlmusic_pl.rewards.base import RewardResult
@@ -72,9 +73,9 @@ def check_slider_settings(directory: Path, saved: LoRASettings, configured: LoRA
 
 def within_context(rewards: Tensor, rollouts_per_context: int) -> Tensor:
     """Advantages [N] of rewards [N] grouped by context (``rollouts_per_context`` consecutive rollouts each):
-    reward minus its context's mean, over the std of all these differences."""
-    centred = rewards - rewards.view(-1, rollouts_per_context).mean(1).repeat_interleave(rollouts_per_context)
-    return centred / (centred.std() + 1e-6)
+    each reward's leave-one-out difference from the rest of its context, over the std of all of them."""
+    differences = leave_one_out_advantages(rewards, rollouts_per_context)
+    return differences / (differences.std() + 1e-6)
 
 
 @dataclass
@@ -237,9 +238,8 @@ class ScalePPOModule(AudioLDM2Module):
             return
         super().configure_model()
         unet = self.backbone.unet
-        channels = {name: layer.gain.numel() for name, layer in scale_layers(unet).items()}
         hp = self.hparams
-        self.gain_schedule = GainSchedule(channels, hp.conditioning, hp.per_channel, self.backbone.scheduler.config.num_train_timesteps,
+        self.gain_schedule = GainSchedule(lora_channels(unet), hp.conditioning, hp.per_channel, self.backbone.scheduler.config.num_train_timesteps,
                                           hp.shared_schedule).to(self.device)
         self.gain_schedule.attach(unet)
         self.attribute_probe = self._slider_probe()
