@@ -40,9 +40,9 @@ from torch import Tensor
 
 from rlmusic_pl.backbone.audioldm2 import AudioLDM2Backbone
 from rlmusic_pl.data.synthetic import NEGATIVE, POSITIVE
-from rlmusic_pl.gain_schedule import FEATURES, attach_fixed_schedule, load_gain_schedule
+from rlmusic_pl.gain_schedule import CLIP_CONDITIONINGS, FEATURES, attach_fixed_schedule, load_gain_schedule
 from rlmusic_pl.lora import load_lora
-from rlmusic_pl.modules.slider import generate_at_strengths
+from rlmusic_pl.modules.slider import generate_with_schedule, loaded_schedule_attribute
 from rlmusic_pl.rewards.stability import SpectralStabilityReward, StrengthSweep, linearity
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -65,13 +65,14 @@ def train_slider(args: argparse.Namespace) -> str:
 
 
 @torch.no_grad()
-def sweep(backbone: AudioLDM2Backbone, strengths: list[float], args: argparse.Namespace) -> tuple[Tensor, Tensor, Tensor]:
-    """Audio centroids, mel centroids [S, seeds * prompts] and waveforms [S, seeds * prompts, T] at every strength."""
+def sweep(backbone: AudioLDM2Backbone, strengths: list[float], args: argparse.Namespace, steering: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Audio centroids, mel centroids [S, seeds * prompts] and waveforms [S, seeds * prompts, T] at every strength
+    (``steering``: the gain schedule's arguments of ``generate_with_schedule``)."""
     cond = backbone.encode_prompts(args.prompts)
     audio, mel, waves = [], [], []
     for seed in args.seeds:
         noise = backbone.initial_latents(len(args.prompts), args.duration_s, torch.Generator().manual_seed(seed))
-        latents = generate_at_strengths(backbone, cond, noise, strengths, args.num_steps, args.guidance_scale, args.start_fraction)
+        latents = generate_with_schedule(backbone, cond, noise, strengths, args.num_steps, args.guidance_scale, args.start_fraction, **(steering or {}))
         mels = backbone.latents_to_mel(latents)
         wave = backbone.mel_to_waveform(mels, args.duration_s)
         audio.append(audio_centroid(wave).view(len(strengths), -1))
@@ -80,18 +81,20 @@ def sweep(backbone: AudioLDM2Backbone, strengths: list[float], args: argparse.Na
     return torch.cat(audio, 1), torch.cat(mel, 1), torch.cat(waves, 1)
 
 
-def load(args: argparse.Namespace, adapter: str | None) -> AudioLDM2Backbone:
+def load(args: argparse.Namespace, adapter: str | None) -> tuple[AudioLDM2Backbone, dict]:
+    """The backbone with ``adapter`` (None: the base model) and the arguments that generate with its gain schedule."""
     backbone = AudioLDM2Backbone.load(args.backbone)
-    if adapter is not None:
-        load_lora(backbone.unet, adapter)
-        load_gain_schedule(backbone.unet, adapter)  # None (nothing loaded) for a Stage-1 slider
-    return backbone
+    if adapter is None:
+        return backbone, {}
+    load_lora(backbone.unet, adapter)
+    schedule = load_gain_schedule(backbone.unet, adapter)  # None (nothing loaded) for a Stage-1 slider
+    return backbone, {"schedule": schedule, "unsteered_attribute": loaded_schedule_attribute(schedule, backbone, args.duration_s, adapter)}
 
 
 def report_slider(args: argparse.Namespace, slider: str) -> dict[str, float]:
     strengths = sorted(args.strengths)
-    audio, mel, waves = sweep(load(args, slider), strengths, args)
-    _, _, base = sweep(load(args, None), [0.0], args)
+    audio, mel, waves = sweep(load(args, slider)[0], strengths, args)
+    _, _, base = sweep(load(args, None)[0], [0.0], args)
     sets = contrast_audio(args.sets, args.count, args.duration_sets)
     train_diff = (audio_centroid(sets[POSITIVE]).mean() - audio_centroid(sets[NEGATIVE]).mean()).item()
     print(f"{len(args.prompts)} held-out prompts x seeds {args.seeds}, {args.num_steps} DDIM steps, guidance {args.guidance_scale}, "
@@ -110,12 +113,12 @@ def report_slider(args: argparse.Namespace, slider: str) -> dict[str, float]:
     return {"moved": moved, "train_diff": train_diff, "monotone": monotone, "base_diff": base_diff}
 
 
-def hand_set_schedule(args: argparse.Namespace, slider: str, conditioning: str, theta: list[float]) -> AudioLDM2Backbone:
+def hand_set_schedule(args: argparse.Namespace, slider: str, conditioning: str, theta: list[float]) -> tuple[AudioLDM2Backbone, dict]:
     """The slider with a shared gain schedule of ``conditioning`` and coefficients ``theta`` (``GainSchedule(shared=True)``)."""
-    backbone = load(args, slider)
-    attach_fixed_schedule(backbone.unet, torch.tensor(theta), conditioning=conditioning, shared=True,
-                          num_train_timesteps=backbone.scheduler.config.num_train_timesteps)
-    return backbone
+    backbone, _ = load(args, slider)
+    schedule = attach_fixed_schedule(backbone.unet, torch.tensor(theta), conditioning=conditioning, shared=True,
+                                     num_train_timesteps=backbone.scheduler.config.num_train_timesteps)
+    return backbone, {"schedule": schedule}
 
 
 def report_linearity(args: argparse.Namespace, slider: str) -> None:
@@ -130,8 +133,8 @@ def report_linearity(args: argparse.Namespace, slider: str) -> None:
     for conditioning, theta in args.schedule:
         variants[f"{conditioning}:{','.join(f'{x:g}' for x in theta)}"] = lambda c=conditioning, th=theta: hand_set_schedule(args, slider, c, th)
     for name, build in variants.items():
-        backbone = build()
-        audio, _, waves = sweep(backbone, strengths.tolist(), args)
+        backbone, steering = build()
+        audio, _, waves = sweep(backbone, strengths.tolist(), args, steering)
         r2, max_jump = linearity(audio, strengths)
         stability = {kind: reward.evaluate(StrengthSweep(waves, strengths, backbone.sample_rate)).total for kind, reward in rewards.items()}
         spreads = "".join(f" {v.mean():8.4f} ({v.std():.4f})" for v in stability.values())
@@ -141,8 +144,8 @@ def report_linearity(args: argparse.Namespace, slider: str) -> None:
 def schedule_spec(text: str) -> tuple[str, list[float]]:
     """``CONDITIONING:THETA,...`` (e.g. ``interior:0.2,0.2``) -> (conditioning, coefficients), checked."""
     conditioning, _, numbers = text.partition(":")
-    if conditioning not in FEATURES:
-        raise argparse.ArgumentTypeError(f"{text!r}: the conditioning must be one of {sorted(FEATURES)}")
+    if conditioning not in FEATURES or conditioning in CLIP_CONDITIONINGS:
+        raise argparse.ArgumentTypeError(f"{text!r}: the conditioning must be one of {sorted(set(FEATURES) - set(CLIP_CONDITIONINGS))}")
     try:
         theta = [float(x) for x in numbers.split(",")]
     except ValueError:

@@ -12,7 +12,9 @@ adapter directory, one tensor ``mean`` (theta, flat [D], float32) and metadata `
 JSON of ``GainSchedule.settings`` (``conditioning``, ``per_channel``, ``num_train_timesteps``, and since
 ``shared`` was added, ``shared``; files without it load as per-layer schedules).
 ``load_gain_schedule`` (used by ``SweepModule`` and the benchmarks) attaches it to a UNet that
-holds the adapter's LoRA.
+holds the adapter's LoRA. A schedule that depends on the clip (``interior_base``) also saves what it
+measures of the clip and how it standardises it (``context_attribute``, ``context_center``,
+``context_scale``); generate with it through ``rlmusic_pl.modules.slider.generate_with_schedule``.
 """
 
 from __future__ import annotations
@@ -30,12 +32,24 @@ from rlmusic_pl.data.audio import atomic_write
 from rlmusic_pl.lora import LoRAError, scale_layers
 
 GAIN_SCHEDULE = "gain_schedule.safetensors"
-Conditioning = Literal["none", "strength", "strength_step", "interior"]
-FEATURES = {"none": 1, "strength": 2, "strength_step": 4, "interior": 2}
+Conditioning = Literal["none", "strength", "strength_step", "interior", "interior_base"]
+FEATURES = {"none": 1, "strength": 2, "strength_step": 4, "interior": 2, "interior_base": 4}
+CLIP_CONDITIONINGS = ("interior_base",)  # these also depend on the clip: its unsteered output's attribute
+ClipAttribute = Literal["centroid", "probe"]
 
 
-def schedule_features(conditioning: str, strength: Tensor, step_fraction: Tensor) -> Tensor:
-    """Features [R, K] of per-sample strengths [R] at the step fraction t / T (a scalar tensor)."""
+def schedule_features(conditioning: str, strength: Tensor, step_fraction: Tensor, context: Tensor | None = None) -> Tensor:
+    """Features [R, K] of per-sample strengths [R] at the step fraction t / T (a scalar tensor); ``context``
+    [R] is each sample's standardised unsteered attribute (for ``interior_base``)."""
+    if conditioning in CLIP_CONDITIONINGS:
+        if context is None and bool((strength == 0).all()):
+            context = torch.zeros_like(strength)  # the LoRA is off at s = 0, so no multiplier matters (the unsteered pass)
+        if context is None:
+            raise LoRAError(f"a {conditioning!r} gain schedule needs each clip's unsteered attribute: generate with generate_with_schedule")
+        strength, context = torch.broadcast_tensors(strength, context.to(strength))
+        rest = 1 - strength
+        # The interior features, and the same again scaled by the clip's attribute q: 1 + (1 - s)(a + b s + q (c + d s)).
+        return torch.stack([rest, rest * strength, rest * context, rest * strength * context], 1)
     one = torch.ones_like(strength)
     if conditioning == "none":
         return one[:, None]
@@ -59,17 +73,24 @@ class GainSchedule(nn.Module):
     Args:
         channels: output channels of each LoRA layer's scale layer, by layer name (UNet order).
         conditioning: ``none`` (one multiplier per layer/channel), ``strength`` (linear in s),
-            ``strength_step`` (bilinear in s and t / T) or ``interior`` (``1 + (1 - s)(a + b s)``: 1 at
-            s = 1, so it reshapes only the strengths between 0 and 1 and keeps the slider's range).
+            ``strength_step`` (bilinear in s and t / T), ``interior`` (``1 + (1 - s)(a + b s)``: 1 at
+            s = 1, so it reshapes only the strengths between 0 and 1 and keeps the slider's range) or
+            ``interior_base`` (``1 + (1 - s)(a + b s + q (c + d s))``, q the clip's standardised unsteered
+            attribute: clips that already sit high on the attribute can bend one way, low ones the other).
         per_channel: one multiplier per output channel (else one per layer).
         num_train_timesteps: T, to turn timesteps into step fractions.
         shared: one multiplier for every layer (theta has just the features' K coefficients): it
             reshapes the slider's strength curve as a whole, a policy small enough for PPO to fit
             from a few rollouts per step, where one per layer spreads the same signal over K x layers.
+        context_attribute: what q measures of a clip's unsteered (s = 0) output, for ``interior_base``:
+            ``centroid`` (the decoded audio's spectral centroid) or ``probe`` (the slider's latent probe).
+        context_center, context_scale: q = (attribute - center) / scale; ``observe_context`` keeps them
+            at the running mean and std of the attributes it is shown (Stage 2's rollouts).
     """
 
     def __init__(self, channels: dict[str, int], conditioning: Conditioning = "strength", per_channel: bool = False,
-                 num_train_timesteps: int = 1000, shared: bool = False) -> None:
+                 num_train_timesteps: int = 1000, shared: bool = False, context_attribute: ClipAttribute | None = None,
+                 context_center: float = 0.0, context_scale: float = 1.0) -> None:
         super().__init__()
         if conditioning not in FEATURES:
             raise ValueError(f"conditioning must be one of {sorted(FEATURES)}, got {conditioning!r}")
@@ -83,15 +104,51 @@ class GainSchedule(nn.Module):
         coefficients = 1 if shared else sum(self.widths.values())
         self.mean = nn.Parameter(torch.zeros(FEATURES[conditioning] * coefficients))
         self.actions: Tensor | None = None
+        self.context: Tensor | None = None
+        self.context_attribute = context_attribute
+        if self.needs_context:
+            if context_attribute not in ("centroid", "probe"):
+                raise ValueError(f"a {conditioning!r} schedule needs context_attribute 'centroid' or 'probe', got {context_attribute!r}")
+            if not context_scale > 0:
+                raise ValueError(f"context_scale must be > 0, got {context_scale}")
+            # Only clip-aware schedules hold these, so older checkpoints and files load unchanged.
+            self.register_buffer("context_norm", torch.tensor([float(context_center), float(context_scale)]))
+            self.register_buffer("context_moments", torch.zeros(3, dtype=torch.float64))  # count, mean, sum of squared deviations
+
+    @property
+    def needs_context(self) -> bool:
+        """Whether the multipliers also depend on the clip (``set_context`` before each generation)."""
+        return self.conditioning in CLIP_CONDITIONINGS
+
+    def observe_context(self, attribute: Tensor) -> None:
+        """Fold unsteered attributes [N] into the running mean and std that standardise q (Chan's parallel update)."""
+        values = attribute.detach().double().flatten().to(self.context_moments.device)
+        count, mean, squares = self.context_moments.unbind()
+        batch_count, batch_mean = values.numel(), values.mean()
+        total = count + batch_count
+        delta = batch_mean - mean
+        squares = squares + (values - batch_mean).pow(2).sum() + delta.pow(2) * count * batch_count / total
+        mean = mean + delta * batch_count / total
+        self.context_moments.copy_(torch.stack([total, mean, squares]))
+        if total >= 2 and squares > 0:
+            self.context_norm.copy_(torch.stack([mean, (squares / total).sqrt()]).float())
+
+    def set_context(self, attribute: Tensor | None) -> None:
+        """Each sample's q [R] from its clip's unsteered attribute [R] (None: clear it)."""
+        self.context = None if attribute is None else (attribute.float().to(self.context_norm.device) - self.context_norm[0]) / self.context_norm[1]
 
     @property
     def settings(self) -> dict:
-        return {"conditioning": self.conditioning, "per_channel": self.per_channel, "num_train_timesteps": self.num_train_timesteps,
-                "shared": self.shared}
+        settings = {"conditioning": self.conditioning, "per_channel": self.per_channel, "num_train_timesteps": self.num_train_timesteps,
+                    "shared": self.shared}
+        if self.needs_context:
+            center, scale = self.context_norm.tolist()
+            settings.update(context_attribute=self.context_attribute, context_center=center, context_scale=scale)
+        return settings
 
-    def multipliers(self, theta: Tensor, strength: Tensor, step_fraction: Tensor) -> dict[str, Tensor]:
-        """Per layer, multipliers [R] (or [R, C] per channel) for theta [R or 1, D] and strengths [R or 1]."""
-        features = schedule_features(self.conditioning, strength, step_fraction)[:, :, None]  # [R, K, 1]
+    def multipliers(self, theta: Tensor, strength: Tensor, step_fraction: Tensor, context: Tensor | None = None) -> dict[str, Tensor]:
+        """Per layer, multipliers [R] (or [R, C] per channel) for theta [R or 1, D], strengths [R or 1] and q [R] (clip-aware schedules)."""
+        features = schedule_features(self.conditioning, strength, step_fraction, context)[:, :, None]  # [R, K, 1]
         if self.shared:
             multiplier = 1 + (features[:, :, 0] * theta).sum(1)
             return {name: multiplier for name in self.widths}
@@ -117,7 +174,7 @@ class GainSchedule(nn.Module):
             strength = torch.as_tensor(strength, dtype=torch.float32, device=self.mean.device).flatten()
             theta = self.mean[None] if self.actions is None else self.actions
             with torch.no_grad():
-                multipliers = self.multipliers(theta.detach(), strength, timestep[0] / self.num_train_timesteps)
+                multipliers = self.multipliers(theta.detach(), strength, timestep[0] / self.num_train_timesteps, self.context)
             for name, layer in layers.items():
                 layer.modulation = multipliers[name]
 

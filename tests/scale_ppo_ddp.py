@@ -18,7 +18,9 @@ from rlmusic_pl.data import PromptAttributeDataModule
 from rlmusic_pl.modules import ScalePPOModule
 
 PROMPTS = ["A piano melody", "jazz", "drums and bass", "A melody played on an organ"]
-SETTINGS = dict(backbone="tiny", strengths=[0.0, 0.5, 1.0], duration_s=0.5, num_steps=3, init_std=0.2, ppo_epochs=2)
+# The clip-aware schedule: its q statistics (from every rank's unsteered clips) must agree across ranks too.
+SETTINGS = dict(backbone="tiny", strengths=[0.0, 0.5, 1.0], duration_s=0.5, num_steps=3, init_std=0.2, ppo_epochs=2,
+                conditioning="interior_base", attribute="centroid")
 
 
 class RecordingScalePPO(ScalePPOModule):
@@ -41,7 +43,7 @@ class RecordingScalePPO(ScalePPOModule):
 
 def policy_state(module: ScalePPOModule) -> dict[str, torch.Tensor]:
     return {"theta": module.gain_schedule.mean.detach().clone(), "log_std": module.log_std.detach().clone(),
-            "value": module.value.detach().clone()}
+            "value": module.value.detach().clone(), "context_moments": module.gain_schedule.context_moments.clone()}
 
 
 def run(devices: int, slider: str, out_dir: Path) -> Path:

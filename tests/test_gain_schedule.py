@@ -86,3 +86,32 @@ def test_an_interior_schedule_keeps_the_full_strength_slider_and_bends_the_stren
     torch.testing.assert_close(multipliers["a"], torch.tensor([1.0, 1.0]))
     bent = schedule.multipliers(torch.tensor([[0.4, -0.2]]), torch.tensor([0.25, 0.5]), torch.tensor(0.7))["b"]
     torch.testing.assert_close(bent, torch.tensor([1 + 0.75 * (0.4 - 0.05), 1 + 0.5 * (0.4 - 0.1)]))
+
+
+def test_a_clip_aware_schedule_standardises_the_attribute_it_was_shown_and_round_trips(unet, tmp_path):
+    channels = {name: layer.gain.numel() for name, layer in scale_layers(unet).items()}
+    schedule = GainSchedule(channels, conditioning="interior_base", shared=True, context_attribute="centroid")
+    values = torch.tensor([0.05, 0.07, 0.06, 0.10, 0.02])
+    schedule.observe_context(values[:2])  # in two batches: the running statistics are those of all five
+    schedule.observe_context(values[2:])
+    torch.testing.assert_close(schedule.context_norm, torch.stack([values.mean(), values.std(unbiased=False)]))
+    schedule.set_context(values)
+    torch.testing.assert_close(schedule.context, (values - values.mean()) / values.std(unbiased=False))
+    # 1 + (1 - s)(a + b s + q (c + d s)), per sample
+    multipliers = schedule.multipliers(torch.tensor([[0.1, 0.2, 0.3, -0.4]]), torch.tensor([0.5, 1.0]), torch.tensor(0.2), torch.tensor([2.0, 5.0]))
+    torch.testing.assert_close(next(iter(multipliers.values())), torch.tensor([1 + 0.5 * (0.1 + 0.1 + 2 * (0.3 - 0.2)), 1.0]))
+    with torch.no_grad():
+        schedule.mean.copy_(torch.tensor([0.1, 0.2, 0.3, -0.4]))
+    save_gain_schedule(schedule, tmp_path)
+    loaded = load_gain_schedule(unet, tmp_path)
+    assert loaded.settings == schedule.settings and loaded.settings["context_attribute"] == "centroid"
+    torch.testing.assert_close(loaded.context_norm, schedule.context_norm)
+
+
+def test_a_clip_aware_schedule_needs_what_to_measure_and_the_clips_values():
+    with pytest.raises(ValueError, match="context_attribute 'centroid' or 'probe'"):
+        GainSchedule({"a": 4}, conditioning="interior_base")
+    schedule = GainSchedule({"a": 4}, conditioning="interior_base", context_attribute="probe")
+    with pytest.raises(LoRAError, match="unsteered attribute"):
+        schedule.multipliers(torch.zeros(1, 4), torch.tensor([0.5]), torch.tensor(0.5))
+    assert "context_moments" not in GainSchedule({"a": 4}, conditioning="interior").state_dict()  # older checkpoints load

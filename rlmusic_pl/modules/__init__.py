@@ -10,7 +10,7 @@ from rlmusic_pl.modules.musicgen_sweep import MusicGenSweepModule
 from rlmusic_pl.modules.musicrl import MusicRLModule
 from rlmusic_pl.modules.preference import PreferenceRewardModule
 from rlmusic_pl.modules.scale_ppo import ScalePPOModule
-from rlmusic_pl.modules.slider import AttributeProbe, SliderModule, generate_at_strengths
+from rlmusic_pl.modules.slider import AttributeProbe, SliderModule, generate_at_strengths, generate_with_schedule
 from rlmusic_pl.modules.steering import SteeringModule
 from rlmusic_pl.modules.sweep import SweepError, SweepModule
 
@@ -32,5 +32,6 @@ __all__ = [
     "SweepError",
     "SweepModule",
     "generate_at_strengths",
+    "generate_with_schedule",
     "load_gain_schedule",
 ]

@@ -9,7 +9,8 @@ PPO as a contextual bandit, one training step per batch of prompts:
   1. context: each prompt with one initial noise; action: a draw of ``theta`` from the Gaussian
      policy ``N(mean, std^2)``, ``rollouts_per_prompt`` per prompt in mirrored pairs (mean +- std * z);
   2. every rollout generates its prompt at every strength of the grid (deterministic DDIM, all in
-     one UNet batch, each sample with its own theta);
+     one UNet batch, each sample with its own theta; a clip-aware schedule, ``interior_base``, first
+     generates s = 0 and tells the schedule each clip's attribute there);
   3. the sweep rewards score each rollout's whole grid: the spectral-temporal stability of the
      intermediate strengths and the even rise of the Stage-1 attribute (``rewards.stability``);
   4. ``ppo_epochs`` full-batch steps of: the clipped surrogate on the actions' log-probs with
@@ -44,14 +45,13 @@ from torch.distributions import Normal
 
 from rlmusic_pl.backbone.conditioning import PromptConditioning
 from rlmusic_pl.callbacks.samples import SampleBatch
-from rlmusic_pl.gain_schedule import FEATURES, GAIN_SCHEDULE, Conditioning, GainSchedule, lora_channels, save_gain_schedule
+from rlmusic_pl.gain_schedule import CLIP_CONDITIONINGS, FEATURES, GAIN_SCHEDULE, Conditioning, GainSchedule, lora_channels, save_gain_schedule
 from rlmusic_pl.lora import SCALE_WEIGHTS, LoRAError, LoRASettings, load_lora, lora_parameters, read_adapter_info
 from rlmusic_pl.modules.base import AudioLDM2Module, CheckpointError, check_positive
 from rlmusic_pl.modules.advantages import leave_one_out_advantages
 from rlmusic_pl.modules.ppo import clipped_surrogate
-from rlmusic_pl.modules.slider import AttributeProbe, attribute_probe_from, generate_at_strengths
+from rlmusic_pl.modules.slider import AttributeProbe, attribute_probe_from, clip_attribute, generate_with_schedule
 from rlmusic_pl.rewards.base import RewardResult
-from rlmusic_pl.rewards.simple import SpectralCentroidReward
 from rlmusic_pl.rewards.stability import (
     AttributeMonotonicityReward,
     SpectralStabilityReward,
@@ -117,9 +117,11 @@ class ScalePPOModule(AudioLDM2Module):
             must hold the attribute probe when ``monotonicity_weight`` is not 0.
         strengths: the strength grid of every rollout, increasing from 0 to 1.
         rollouts_per_prompt: actions per prompt and noise, in mirrored pairs (even, >= 2).
-        conditioning: what the gain multipliers depend on: ``none``, ``strength``, ``strength_step`` or
+        conditioning: what the gain multipliers depend on: ``none``, ``strength``, ``strength_step``,
             ``interior`` (multipliers of the strength that are 1 at s = 1: the full-strength slider and its
-            range stay Stage 1's, PPO bends only the strengths between).
+            range stay Stage 1's, PPO bends only the strengths between) or ``interior_base`` (the same, also
+            linear in the clip's standardised ``attribute`` at s = 0, generated first: clips that start high
+            on the attribute and clips that start low can bend differently).
         per_channel: one multiplier per output channel (else one per LoRA layer).
         shared_schedule: one multiplier for all LoRA layers (``GainSchedule(shared=True)``): a policy of
             just the conditioning's 2-4 coefficients, which reshapes the slider's strength curve as a
@@ -209,7 +211,6 @@ class ScalePPOModule(AudioLDM2Module):
             {"stability": SpectralStabilityReward(beta, sigma, relative_stability), "monotonicity": AttributeMonotonicityReward()},
             {"stability": stability_weight, "monotonicity": monotonicity_weight},
         )
-        self.centroid = SpectralCentroidReward()
         self.log_std = nn.Parameter(torch.tensor(float(init_std)).log(), requires_grad=learn_std)
         self.value = nn.Parameter(torch.zeros(()))
         self.gain_schedule: GainSchedule | None = None
@@ -240,19 +241,21 @@ class ScalePPOModule(AudioLDM2Module):
         unet = self.backbone.unet
         hp = self.hparams
         self.gain_schedule = GainSchedule(lora_channels(unet), hp.conditioning, hp.per_channel, self.backbone.scheduler.config.num_train_timesteps,
-                                          hp.shared_schedule).to(self.device)
+                                          hp.shared_schedule, hp.attribute if hp.conditioning in CLIP_CONDITIONINGS else None).to(self.device)
         self.gain_schedule.attach(unet)
         self.attribute_probe = self._slider_probe()
 
     def _slider_probe(self) -> AttributeProbe | None:
         probe = attribute_probe_from(self.slider_info)
-        if probe is None and self.hparams.monotonicity_weight and self.hparams.attribute == "probe":
-            raise LoRAError(f"slider {self.hparams.slider}: its metadata has no attribute_probe, which the monotonicity "
-                            "reward needs; export the slider with SliderModule or set monotonicity_weight: 0")
+        hp = self.hparams
+        if probe is None and hp.attribute == "probe" and (hp.monotonicity_weight or hp.conditioning in CLIP_CONDITIONINGS):
+            need = "the monotonicity reward" if hp.monotonicity_weight else f"conditioning {hp.conditioning!r}"
+            raise LoRAError(f"slider {hp.slider}: its metadata has no attribute_probe, which {need} needs; export the slider "
+                            "with SliderModule, or use attribute: centroid")
         return None if probe is None else probe.to(self.device)
 
     def frozen_modules(self) -> list[nn.Module]:
-        return super().frozen_modules() + [self.reward, self.centroid]
+        return super().frozen_modules() + [self.reward]
 
     def configure_optimizers(self):
         params = [self.gain_schedule.mean, self.value] + ([self.log_std] if self.hparams.learn_std else [])
@@ -285,11 +288,15 @@ class ScalePPOModule(AudioLDM2Module):
     def generate(self, cond: PromptConditioning, noise: Tensor, actions: Tensor | None) -> Tensor:
         """Final latents [G * N, ...] (strength-major) of N contexts at the grid, rollout n with theta ``actions[n]`` (None: the mean)."""
         hp = self.hparams
-        self.gain_schedule.actions = None if actions is None else actions.repeat(len(hp.strengths), 1)
-        try:
-            return generate_at_strengths(self.backbone, cond, noise, hp.strengths, hp.num_steps, hp.guidance_scale, hp.start_fraction)
-        finally:
-            self.gain_schedule.actions = None
+        return generate_with_schedule(self.backbone, cond, noise, hp.strengths, hp.num_steps, hp.guidance_scale, hp.start_fraction,
+                                      self.gain_schedule, actions, self.attribute_of)
+
+    def attribute_of(self, latents: Tensor, waveforms: Tensor | None = None) -> Tensor:
+        """The monotonicity reward's attribute [B] of final latents [B, ...] (zeros without a probe when it is unused)."""
+        hp = self.hparams
+        if hp.attribute == "probe" and self.attribute_probe is None:
+            return torch.zeros(latents.shape[0], device=latents.device)
+        return clip_attribute(hp.attribute, self.backbone, latents, hp.duration_s, self.attribute_probe, waveforms)
 
     @torch.no_grad()
     def score(self, latents: Tensor) -> tuple[Tensor, RewardResult, Tensor]:
@@ -297,13 +304,7 @@ class ScalePPOModule(AudioLDM2Module):
         hp = self.hparams
         groups = len(hp.strengths)
         waveforms = self.backbone.decode(latents, hp.duration_s).float()
-        if hp.attribute == "centroid":
-            attribute = self.centroid(waveforms, self.backbone.sample_rate, [""] * len(waveforms), [{}] * len(waveforms))
-        elif self.attribute_probe is not None:
-            attribute = self.attribute_probe.score(latents)
-        else:
-            attribute = torch.zeros(latents.shape[0], device=latents.device)
-        attribute = attribute.view(groups, -1)
+        attribute = self.attribute_of(latents, waveforms).view(groups, -1)
         sweep = StrengthSweep(waveforms.view(groups, attribute.shape[1], -1), torch.tensor(hp.strengths, device=waveforms.device),
                               self.backbone.sample_rate, attribute)
         return waveforms, self.reward.evaluate(sweep), attribute
@@ -323,7 +324,10 @@ class ScalePPOModule(AudioLDM2Module):
         generator = torch.Generator().manual_seed(self.hparams.seed + 1_000_003 * self.steps_sampled + 7_919 * self.global_rank)
         rollouts = self.sample_rollouts(batch, generator)
         self.steps_sampled += 1
-        metrics = self.train_on_rollouts(*self._gather(rollouts.actions, rollouts.rewards.total))
+        actions, rewards, unsteered = self._gather(rollouts.actions, rollouts.rewards.total, rollouts.attribute[0])
+        if self.gain_schedule.needs_context:  # every rank folds in the same values, so q stays identical across ranks
+            self.gain_schedule.observe_context(unsteered)
+        metrics = self.train_on_rollouts(actions, rewards)
         for name, value in metrics.items():
             self.log(f"train/{name}", value, on_step=True, on_epoch=False, prog_bar=name == "loss")
         self.log("train/std", self.log_std.exp().detach(), on_step=True, on_epoch=False)
@@ -351,11 +355,11 @@ class ScalePPOModule(AudioLDM2Module):
                 history.setdefault(field.name, []).append(getattr(terms, field.name).detach())
         return {name: torch.stack(values).mean() for name, values in history.items()}
 
-    def _gather(self, actions: Tensor, rewards: Tensor) -> tuple[Tensor, Tensor]:
-        """Every rank's actions [N, D] and rewards [N], concatenated in rank order (this rank's alone on one process)."""
+    def _gather(self, *tensors: Tensor) -> tuple[Tensor, ...]:
+        """Every rank's tensors (each [N, ...]), concatenated in rank order (this rank's alone on one process)."""
         if self._trainer is None or self.trainer.world_size == 1:
-            return actions, rewards
-        return self.all_gather(actions).flatten(0, 1), self.all_gather(rewards).flatten(0, 1)
+            return tensors
+        return tuple(self.all_gather(tensor).flatten(0, 1) for tensor in tensors)
 
     def _no_gradient_sync(self):
         block = getattr(self.trainer.strategy, "block_backward_sync", None)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from diffusers.training_utils import compute_snr
@@ -30,8 +31,10 @@ from torch import Tensor, nn
 from rlmusic_pl.backbone.audioldm2 import AudioLDM2Backbone
 from rlmusic_pl.backbone.conditioning import PromptConditioning
 from rlmusic_pl.callbacks.samples import SampleBatch
-from rlmusic_pl.lora import lora_parameters, lora_strength, set_strength
+from rlmusic_pl.gain_schedule import ClipAttribute, GainSchedule
+from rlmusic_pl.lora import LoRAError, lora_parameters, lora_strength, read_adapter_info, set_strength
 from rlmusic_pl.modules.base import AudioLDM2Module, check_positive
+from rlmusic_pl.rewards.simple import SpectralCentroidReward
 
 
 @dataclass
@@ -98,6 +101,75 @@ def generate_at_strengths(
             eps = backbone.predict_noise(latents, t, cond, guidance_scale)
             latents = backbone.scheduler.step(eps, t, latents, eta=0.0).prev_sample
     return latents
+
+
+def generate_with_schedule(
+    backbone: AudioLDM2Backbone,
+    cond: PromptConditioning,
+    noise: Tensor,
+    strengths: Sequence[float],
+    num_steps: int,
+    guidance_scale: float,
+    start_fraction: float = 0.0,
+    schedule: GainSchedule | None = None,
+    actions: Tensor | None = None,
+    unsteered_attribute: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """``generate_at_strengths`` under a Stage-2 gain schedule attached to the UNet.
+
+    Args:
+        schedule: the attached ``GainSchedule`` (None: the plain slider).
+        actions: one theta per prompt [B, D] (PPO's rollouts; None: the schedule's mean).
+        unsteered_attribute: latents [B, ...] -> attribute [B], for a schedule that depends on the clip
+            (``interior_base``): every prompt is first generated at s = 0 (the base model, whatever theta)
+            and the schedule told each clip's attribute before the other strengths are generated.
+
+    Returns:
+        final latents [len(strengths) * B, ...], strength-major, as ``generate_at_strengths``.
+    """
+    def generate(at: list[float]) -> Tensor:
+        return generate_at_strengths(backbone, cond, noise, at, num_steps, guidance_scale, start_fraction)
+
+    if schedule is None:
+        return generate(list(strengths))
+    try:
+        if not schedule.needs_context:
+            schedule.actions = None if actions is None else actions.repeat(len(strengths), 1)
+            return generate(list(strengths))
+        if unsteered_attribute is None:
+            raise LoRAError(f"the gain schedule ({schedule.conditioning}) depends on each clip's unsteered attribute: pass unsteered_attribute")
+        unsteered = generate([0.0])
+        steered = [s for s in strengths if s != 0]
+        schedule.actions = None if actions is None else actions.repeat(len(steered), 1)
+        schedule.set_context(unsteered_attribute(unsteered).repeat(len(steered)))
+        chunks = iter(generate(steered).chunk(len(steered))) if steered else iter(())
+        return torch.cat([unsteered if s == 0 else next(chunks) for s in strengths])
+    finally:
+        schedule.actions = None
+        if schedule.needs_context:
+            schedule.set_context(None)
+
+
+def loaded_schedule_attribute(schedule: GainSchedule | None, backbone: AudioLDM2Backbone, duration_s: float,
+                              adapter: str | Path) -> Callable[[Tensor], Tensor] | None:
+    """For a clip-aware schedule loaded from ``adapter``, what it measures of unsteered latents (the
+    ``unsteered_attribute`` of ``generate_with_schedule``); None for any other schedule."""
+    if schedule is None or not schedule.needs_context:
+        return None
+    probe = attribute_probe_from(read_adapter_info(Path(adapter))) if schedule.context_attribute == "probe" else None
+    return lambda latents: clip_attribute(schedule.context_attribute, backbone, latents, duration_s, probe)
+
+
+def clip_attribute(kind: ClipAttribute, backbone: AudioLDM2Backbone, latents: Tensor, duration_s: float,
+                   probe: AttributeProbe | None = None, waveforms: Tensor | None = None) -> Tensor:
+    """Per clip [B], what a Stage-2 schedule measures of final latents [B, ...]: the decoded audio's spectral
+    centroid (``centroid``, a fraction of Nyquist; ``waveforms`` if already decoded) or the slider's ``probe``."""
+    if kind == "centroid":
+        audio = backbone.decode(latents, duration_s).float() if waveforms is None else waveforms
+        return SpectralCentroidReward()(audio, backbone.sample_rate, [""] * len(audio), [{}] * len(audio))
+    if probe is None or (score := probe.to(latents.device).score(latents)) is None:
+        raise LoRAError("the attribute 'probe' needs the slider's attribute probe (in its adapter metadata)")
+    return score
 
 
 class AttributeProbe(nn.Module):

@@ -33,7 +33,7 @@ from rlmusic_pl.evaluation import MusicEvaluator
 from rlmusic_pl.lora import LORA_WEIGHTS, PEFT_WEIGHTS, SCALE_WEIGHTS, Layout, LoRAError, load_lora, read_adapter_info, read_lora_state_dict
 from rlmusic_pl.modules.base import AudioLDM2Module, check_positive
 from rlmusic_pl.gain_schedule import load_gain_schedule
-from rlmusic_pl.modules.slider import generate_at_strengths
+from rlmusic_pl.modules.slider import generate_with_schedule, loaded_schedule_attribute
 from rlmusic_pl.rewards.base import Reward, as_rewards, check_rewards_for_prompts
 from rlmusic_pl.rewards.stability import mel_ssim
 
@@ -290,7 +290,9 @@ class SweepModule(SweepPredictor, AudioLDM2Module):
         cond = self.backbone.encode_prompts([c.prompt for c in clips], [c.negative_prompt for c in clips])
         # One cpu generator per clip: its noise depends on its seed only, not on the batch or the device.
         noise = torch.cat([self.backbone.initial_latents(1, hp.duration_s, torch.Generator().manual_seed(c.seed)) for c in clips])
-        latents = generate_at_strengths(self.backbone, cond, noise, strengths, hp.num_steps, hp.guidance_scale, hp.start_fraction)
+        unsteered_attribute = loaded_schedule_attribute(self.gain_schedule, self.backbone, hp.duration_s, self.adapter_path)
+        latents = generate_with_schedule(self.backbone, cond, noise, strengths, hp.num_steps, hp.guidance_scale, hp.start_fraction,
+                                         self.gain_schedule, unsteered_attribute=unsteered_attribute)
         return self.backbone.decode(latents, hp.duration_s).float().cpu()
 
     def expected_samples(self) -> int:

@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from rlmusic_pl.backbone.audioldm2 import AudioLDM2Backbone
+from rlmusic_pl.callbacks.sweep_clips import Clip
 from rlmusic_pl.data import PromptAttributeDataModule
 from rlmusic_pl.gain_schedule import GAIN_SCHEDULE
 from rlmusic_pl.lora import LoRAError, load_lora, lora_parameters, save_lora
 from rlmusic_pl.modules import GainSchedule, ScalePPOModule, SliderModule, SweepModule, generate_at_strengths
+from rlmusic_pl.modules.slider import generate_with_schedule
 from rlmusic_pl.modules.scale_ppo import within_context
 from rlmusic_pl.rewards.simple import SpectralCentroidReward
 
@@ -90,6 +92,52 @@ def test_an_interior_schedule_bends_intermediate_strengths_and_leaves_full_stren
     stage1 = module.generate(cond[[0, 0]], noise[[0, 0]], None)
     torch.testing.assert_close(bent[-2:], stage1[-2:], atol=1e-5, rtol=1e-5)  # s = 1
     assert not torch.allclose(bent[2:4], stage1[2:4], atol=1e-3)  # an intermediate strength
+
+
+def test_a_clip_aware_schedule_bends_each_clip_by_its_unsteered_attribute(slider_dir):
+    module = stage2(slider_dir, conditioning="interior_base", attribute="centroid", shared_schedule=True)
+    with torch.no_grad():
+        module.gain_schedule.mean.copy_(torch.tensor([0.0, 0.0, 0.8, 0.0]))  # 1 + 0.8 q (1 - s)
+    cond, noise = prompt_inputs(module.backbone)
+    stage1 = AudioLDM2Backbone.load("tiny")
+    load_lora(stage1.unet, slider_dir)
+    plain = generate_at_strengths(stage1, cond, noise, GRID, STEPS, 3.5)
+    unsteered = module.attribute_of(plain[: len(PROMPTS)])
+    module.gain_schedule.observe_context(unsteered)  # two clips: q = -1 and +1
+    q = (unsteered - unsteered.mean()) / unsteered.std(unbiased=False)
+    latents = module.generate(cond, noise, None)
+    torch.testing.assert_close(latents[: len(PROMPTS)], plain[: len(PROMPTS)], atol=1e-5, rtol=1e-5)  # s = 0: the base
+    torch.testing.assert_close(latents[-len(PROMPTS) :], plain[-len(PROMPTS) :], atol=1e-5, rtol=1e-5)  # s = 1: Stage 1
+    # Each clip at s = 0.5 is what a plain interior schedule with its own multiplier 1 + 0.8 q (1 - s) gives it.
+    interior = stage2(slider_dir, conditioning="interior", shared_schedule=True)
+    for prompt in range(len(PROMPTS)):
+        with torch.no_grad():
+            interior.gain_schedule.mean.copy_(torch.tensor([0.8 * q[prompt].item(), 0.0]))
+        alone = interior.generate(cond[[prompt]], noise[[prompt]], None)
+        torch.testing.assert_close(latents[len(PROMPTS) + prompt], alone[1], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(latents[len(PROMPTS) : -len(PROMPTS)], plain[len(PROMPTS) : -len(PROMPTS)], atol=1e-3)
+    with pytest.raises(LoRAError, match="unsteered attribute"):
+        generate_with_schedule(module.backbone, cond, noise, GRID, STEPS, 3.5, schedule=module.gain_schedule)
+
+
+def test_a_clip_aware_stage2_learns_the_attribute_statistics_and_the_sweep_applies_its_export(slider_dir, tmp_path):
+    module = stage2(slider_dir, conditioning="interior_base", attribute="centroid", shared_schedule=True,
+                    export_to=str(tmp_path / "stage2"), ppo_epochs=1)
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(module, PromptAttributeDataModule(prompts=PROMPTS, batch_size=2))
+    schedule = module.gain_schedule
+    assert schedule.context_moments[0] == 2 * 2 * 2  # steps x prompts x rollouts per prompt
+    center, scale = schedule.context_norm.tolist()
+    assert 0 < center < 1 and scale > 0  # a centroid's mean and std (fractions of Nyquist), no longer (0, 1)
+    sweep = SweepModule(adapter=str(tmp_path / "stage2"), backbone="tiny", duration_s=DURATION, num_steps=STEPS)
+    sweep.configure_model()
+    assert sweep.gain_schedule.settings == {**schedule.settings, "context_center": pytest.approx(center), "context_scale": pytest.approx(scale)}
+    clips = [Clip(item, prompt, "", {}, seed=item + 1, strength=0.0) for item, prompt in enumerate(PROMPTS)]
+    cond = sweep.backbone.encode_prompts(PROMPTS)
+    noise = torch.cat([sweep.backbone.initial_latents(1, DURATION, torch.Generator().manual_seed(c.seed)) for c in clips])
+    expected = module.backbone.decode(module.generate(cond, noise, None), DURATION).float()
+    torch.testing.assert_close(sweep.generate(clips, GRID), expected, atol=1e-5, rtol=1e-4)
 
 
 def test_the_centroid_attribute_and_relative_stability_score_the_decoded_audio(slider_dir):
@@ -223,6 +271,7 @@ def test_ddp_on_two_cpu_processes_gathers_every_ranks_rollouts_and_keeps_the_gai
             torch.testing.assert_close(rank["actions"][step], torch.cat(own), rtol=0, atol=0)
             torch.testing.assert_close(rank["rewards"][step], ranks[0]["rewards"][step], rtol=0, atol=0)
         assert ranks[0]["rewards"][step].numel() == 2 * 2  # ranks x rollouts per prompt (one prompt per rank)
-    for name in ("theta", "log_std", "value"):
+    for name in ("theta", "log_std", "value", "context_moments"):
         torch.testing.assert_close(ranks[0]["after"][name], ranks[1]["after"][name], rtol=0, atol=0)
         assert not torch.equal(ranks[0]["after"][name], ranks[0]["before"][name])  # they did train
+    assert ranks[0]["after"]["context_moments"][0] == 2 * 2 * 2  # every rank's unsteered clips of both steps
