@@ -28,7 +28,7 @@ import torch
 from rlmusic_pl.backbone.audioldm2 import AudioLDM2Backbone
 from rlmusic_pl.lora import load_lora, read_adapter_info
 from rlmusic_pl.gain_schedule import load_gain_schedule
-from rlmusic_pl.modules.slider import attribute_probe_from, generate_at_strengths
+from rlmusic_pl.modules.slider import attribute_probe_from, generate_with_schedule, loaded_schedule_attribute
 from rlmusic_pl.rewards.stability import SpectralStabilityReward, StrengthSweep, linearity
 
 HELD_OUT_PROMPTS = ["A violin sonata", "Electronic dance music with a heavy beat", "A calm acoustic guitar", "A brass band march"]
@@ -37,7 +37,8 @@ HELD_OUT_PROMPTS = ["A violin sonata", "Electronic dance music with a heavy beat
 def measure(adapter: str, probe_source: str, args: argparse.Namespace) -> dict[str, float]:
     backbone = AudioLDM2Backbone.load(args.backbone)
     load_lora(backbone.unet, adapter)
-    load_gain_schedule(backbone.unet, adapter)  # None for the Stage-1 slider
+    schedule = load_gain_schedule(backbone.unet, adapter)  # None for the Stage-1 slider
+    unsteered_attribute = loaded_schedule_attribute(schedule, backbone, args.duration_s, adapter)
     probe = attribute_probe_from(read_adapter_info(probe_source))
     strengths = torch.linspace(0, 1, args.grid)
     stability = SpectralStabilityReward(beta=args.beta)
@@ -45,7 +46,8 @@ def measure(adapter: str, probe_source: str, args: argparse.Namespace) -> dict[s
     for seed in args.seeds:
         cond = backbone.encode_prompts(args.prompts)
         noise = backbone.initial_latents(len(args.prompts), args.duration_s, torch.Generator().manual_seed(seed))
-        latents = generate_at_strengths(backbone, cond, noise, strengths.tolist(), args.num_steps, args.guidance_scale)
+        latents = generate_with_schedule(backbone, cond, noise, strengths.tolist(), args.num_steps, args.guidance_scale,
+                                         schedule=schedule, unsteered_attribute=unsteered_attribute)
         attribute = probe.score(latents).view(args.grid, -1)
         r2, max_jump = linearity(attribute, strengths)
         waves = backbone.decode(latents, args.duration_s).float().view(args.grid, len(args.prompts), -1)

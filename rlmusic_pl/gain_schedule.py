@@ -2,10 +2,11 @@
 
 RLScale-LoRA's Stage 2 trains the scale layers (``rlmusic_pl.lora.ScaleLayer``) so that intermediate
 strengths move smoothly. A ``GainSchedule`` holds, per LoRA layer (optionally per channel), the
-coefficients theta of a multiplier ``m(s, t) = 1 + theta . phi(s, t)`` of the Stage-1 gain, with
-features ``phi`` of the strength s and the diffusion step t (``conditioning``). theta = 0 is the
-Stage-1 slider exactly. A forward pre-hook on the UNet sets every scale layer's ``modulation`` at
-each call, and ``actions`` lets one batch run a different theta per sample (PPO's rollouts).
+coefficients theta of a multiplier ``m = 1 + theta . phi(s, t[, q])`` of the Stage-1 gain, with
+features ``phi`` of the strength s, the diffusion step t and, for a clip-aware schedule, the clip's
+standardised attribute at s = 0, q (``conditioning``). theta = 0 is the Stage-1 slider exactly. A
+forward pre-hook on the UNet sets every scale layer's ``modulation`` at each call; ``actions`` lets one
+batch run a different theta per sample (PPO's rollouts) and ``context`` gives each sample its q.
 
 File format (unchanged since the first Stage-2 adapters): ``gain_schedule.safetensors`` in the
 adapter directory, one tensor ``mean`` (theta, flat [D], float32) and metadata ``rlmusic_pl``: the
@@ -46,6 +47,8 @@ def schedule_features(conditioning: str, strength: Tensor, step_fraction: Tensor
             context = torch.zeros_like(strength)  # the LoRA is off at s = 0, so no multiplier matters (the unsteered pass)
         if context is None:
             raise LoRAError(f"a {conditioning!r} gain schedule needs each clip's unsteered attribute: generate with generate_with_schedule")
+        if context.numel() not in (1, strength.numel()) and strength.numel() != 1:
+            raise LoRAError(f"{context.numel()} clip attributes do not fit {strength.numel()} per-sample strengths")
         strength, context = torch.broadcast_tensors(strength, context.to(strength))
         rest = 1 - strength
         # The interior features, and the same again scaled by the clip's attribute q: 1 + (1 - s)(a + b s + q (c + d s)).
@@ -68,7 +71,8 @@ class GainSchedule(nn.Module):
     ``mean`` holds theta of every layer (flat, [D]); ``actions`` (rows [R, D], or None for ``mean``)
     is what the hook applies while set, so one generation batch can run a different theta per sample.
     ``attach(unet)`` installs a forward pre-hook that, at every UNet call, reads the layers' strength
-    (set by ``set_strength``) and the timestep and sets each scale layer's ``modulation``.
+    (set by ``set_strength``), the timestep and ``context`` (q per sample, clip-aware schedules) and
+    sets each scale layer's ``modulation``.
 
     Args:
         channels: output channels of each LoRA layer's scale layer, by layer name (UNet order).
@@ -123,6 +127,8 @@ class GainSchedule(nn.Module):
     def observe_context(self, attribute: Tensor) -> None:
         """Fold unsteered attributes [N] into the running mean and std that standardise q (Chan's parallel update)."""
         values = attribute.detach().double().flatten().to(self.context_moments.device)
+        if values.numel() == 0 or not torch.isfinite(values).all():
+            raise ValueError(f"the clips' unsteered attributes must be finite numbers, got {values.tolist()}")
         count, mean, squares = self.context_moments.unbind()
         batch_count, batch_mean = values.numel(), values.mean()
         total = count + batch_count

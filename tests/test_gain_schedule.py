@@ -115,3 +115,11 @@ def test_a_clip_aware_schedule_needs_what_to_measure_and_the_clips_values():
     with pytest.raises(LoRAError, match="unsteered attribute"):
         schedule.multipliers(torch.zeros(1, 4), torch.tensor([0.5]), torch.tensor(0.5))
     assert "context_moments" not in GainSchedule({"a": 4}, conditioning="interior").state_dict()  # older checkpoints load
+
+
+def test_clip_attributes_that_are_not_numbers_or_do_not_fit_the_batch_are_clear_errors():
+    schedule = GainSchedule({"a": 4}, conditioning="interior_base", shared=True, context_attribute="centroid")
+    with pytest.raises(ValueError, match="must be finite numbers"):
+        schedule.observe_context(torch.tensor([0.1, float("nan")]))
+    with pytest.raises(LoRAError, match="3 clip attributes do not fit 2 per-sample strengths"):
+        schedule.multipliers(torch.zeros(1, 4), torch.tensor([0.5, 0.75]), torch.tensor(0.5), torch.zeros(3))

@@ -10,7 +10,8 @@ PPO as a contextual bandit, one training step per batch of prompts:
      policy ``N(mean, std^2)``, ``rollouts_per_prompt`` per prompt in mirrored pairs (mean +- std * z);
   2. every rollout generates its prompt at every strength of the grid (deterministic DDIM, all in
      one UNet batch, each sample with its own theta; a clip-aware schedule, ``interior_base``, first
-     generates s = 0 and tells the schedule each clip's attribute there);
+     generates s = 0, folds every rank's attributes there into q's running mean and std, and tells
+     the schedule each clip's q);
   3. the sweep rewards score each rollout's whole grid: the spectral-temporal stability of the
      intermediate strengths and the even rise of the Stage-1 attribute (``rewards.stability``);
   4. ``ppo_epochs`` full-batch steps of: the clipped surrogate on the actions' log-probs with
@@ -19,12 +20,14 @@ PPO as a contextual bandit, one training step per batch of prompts:
      rollout is instead the mean reward of the rollouts that share its prompt and noise.
 
 The UNet is never differentiated: the generation runs without gradients and the loss only involves
-the policy's Gaussian, so a step costs one batched generation. Optimisation is manual (several
+the policy's Gaussian, so a step costs one batched generation (two with ``interior_base``: s = 0 first).
+Optimisation is manual (several
 epochs per batch of rollouts).
 
 Under ``strategy=ddp`` every rank generates its own rollouts (its own prompts, noise and actions);
-the actions and rewards of all ranks are gathered, so every rank computes the same advantages and
-the same loss on the same full batch, and the gains stay identical without a gradient all-reduce.
+the actions and rewards of all ranks (and the unsteered attributes that standardise q) are gathered,
+so every rank computes the same q, advantages and loss on the same full batch, and the gains stay
+identical without a gradient all-reduce.
 
 The result, ``<run dir>/adapter`` (and ``export_to``), is the slider's adapter plus
 ``gain_schedule.safetensors``; ``rlmusic_pl.gain_schedule.load_gain_schedule`` (used by
@@ -114,7 +117,8 @@ class ScalePPOModule(AudioLDM2Module):
 
     Args:
         slider: directory of the Stage-1 slider (``SliderModule``'s exported adapter); its metadata
-            must hold the attribute probe when ``monotonicity_weight`` is not 0.
+            must hold the attribute probe when ``monotonicity_weight`` is not 0 or ``interior_base``
+            measures the probe.
         strengths: the strength grid of every rollout, increasing from 0 to 1.
         rollouts_per_prompt: actions per prompt and noise, in mirrored pairs (even, >= 2).
         conditioning: what the gain multipliers depend on: ``none``, ``strength``, ``strength_step``,
@@ -132,7 +136,7 @@ class ScalePPOModule(AudioLDM2Module):
         relative_stability: score each rollout's SSIM drop relative to its own total drop
             (``SpectralStabilityReward(relative=True)``): informative when the slider changes the mel
             little, where the absolute score is ~1 for every rollout.
-        attribute: what the monotonicity reward measures: ``probe`` (the slider's latent
+        attribute: what the monotonicity reward (and ``interior_base``'s q) measures: ``probe`` (the slider's latent
             ``AttributeProbe``) or ``centroid`` (the decoded audio's spectral centroid, for a
             brightness slider whose audio should rise evenly).
         stability_weight: weight of the spectral-temporal stability reward.
@@ -285,11 +289,20 @@ class ScalePPOModule(AudioLDM2Module):
 
     # --------------------------------------------------------------------------- rollouts
     @torch.no_grad()
-    def generate(self, cond: PromptConditioning, noise: Tensor, actions: Tensor | None) -> Tensor:
-        """Final latents [G * N, ...] (strength-major) of N contexts at the grid, rollout n with theta ``actions[n]`` (None: the mean)."""
+    def generate(self, cond: PromptConditioning, noise: Tensor, actions: Tensor | None, observe: bool = False) -> Tensor:
+        """Final latents [G * N, ...] (strength-major) of N contexts at the grid, rollout n with theta ``actions[n]`` (None: the
+        mean); ``observe``: a clip-aware schedule folds these clips' unsteered attributes (every rank's) into q's statistics
+        before it standardises them."""
         hp = self.hparams
         return generate_with_schedule(self.backbone, cond, noise, hp.strengths, hp.num_steps, hp.guidance_scale, hp.start_fraction,
-                                      self.gain_schedule, actions, self.attribute_of)
+                                      self.gain_schedule, actions, self.observed_attribute if observe else self.attribute_of)
+
+    def observed_attribute(self, latents: Tensor) -> Tensor:
+        """``attribute_of`` the unsteered latents, after folding every rank's values into the schedule's q statistics
+        (the same on every rank, so q and the gains stay identical)."""
+        attribute = self.attribute_of(latents)
+        self.gain_schedule.observe_context(*self._gather(attribute))
+        return attribute
 
     def attribute_of(self, latents: Tensor, waveforms: Tensor | None = None) -> Tensor:
         """The monotonicity reward's attribute [B] of final latents [B, ...] (zeros without a probe when it is unused)."""
@@ -315,7 +328,7 @@ class ScalePPOModule(AudioLDM2Module):
         cond = self.backbone.encode_prompts(prompts, batch["negative_prompt"]).repeat_interleave(k)
         noise = self.backbone.initial_latents(len(prompts), self.hparams.duration_s, generator).repeat_interleave(k, 0)
         actions = self.sample_actions(len(prompts), generator)
-        waveforms, rewards, attribute = self.score(self.generate(cond, noise, actions))
+        waveforms, rewards, attribute = self.score(self.generate(cond, noise, actions, observe=True))
         return SweepRollouts(actions, waveforms, rewards, attribute, [p for p in prompts for _ in range(k)],
                              [a for a in batch["attributes"] for _ in range(k)])
 
@@ -324,10 +337,7 @@ class ScalePPOModule(AudioLDM2Module):
         generator = torch.Generator().manual_seed(self.hparams.seed + 1_000_003 * self.steps_sampled + 7_919 * self.global_rank)
         rollouts = self.sample_rollouts(batch, generator)
         self.steps_sampled += 1
-        actions, rewards, unsteered = self._gather(rollouts.actions, rollouts.rewards.total, rollouts.attribute[0])
-        if self.gain_schedule.needs_context:  # every rank folds in the same values, so q stays identical across ranks
-            self.gain_schedule.observe_context(unsteered)
-        metrics = self.train_on_rollouts(actions, rewards)
+        metrics = self.train_on_rollouts(*self._gather(rollouts.actions, rollouts.rewards.total))
         for name, value in metrics.items():
             self.log(f"train/{name}", value, on_step=True, on_epoch=False, prog_bar=name == "loss")
         self.log("train/std", self.log_std.exp().detach(), on_step=True, on_epoch=False)

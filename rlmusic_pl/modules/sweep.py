@@ -273,7 +273,7 @@ class SweepModule(SweepPredictor, AudioLDM2Module):
 
     def add_adapters(self, unet: torch.nn.Module) -> None:
         load_lora(unet, self.adapter_path)
-        # A Stage-2 adapter's scale-layer multipliers (by strength and step) apply to every generation.
+        # A Stage-2 adapter's scale-layer multipliers (by strength, step and clip) apply to every generation.
         self.gain_schedule = load_gain_schedule(unet, self.adapter_path)
         log.info("sweeping a %s adapter from %s", self.adapter_kind, self.adapter_path)
 
