@@ -157,6 +157,8 @@ def loaded_schedule_attribute(schedule: GainSchedule | None, backbone: AudioLDM2
     if schedule is None or not schedule.needs_context:
         return None
     probe = attribute_probe_from(read_adapter_info(Path(adapter))) if schedule.context_attribute == "probe" else None
+    if schedule.context_attribute == "probe" and probe is None:
+        raise LoRAError(f"{adapter}: its gain schedule measures the attribute probe, which its metadata does not hold")
     return lambda latents: clip_attribute(schedule.context_attribute, backbone, latents, duration_s, probe)
 
 

@@ -275,6 +275,7 @@ class SweepModule(SweepPredictor, AudioLDM2Module):
         load_lora(unet, self.adapter_path)
         # A Stage-2 adapter's scale-layer multipliers (by strength, step and clip) apply to every generation.
         self.gain_schedule = load_gain_schedule(unet, self.adapter_path)
+        self.unsteered_attribute = loaded_schedule_attribute(self.gain_schedule, self.backbone, self.hparams.duration_s, self.adapter_path)
         log.info("sweeping a %s adapter from %s", self.adapter_kind, self.adapter_path)
 
     def generation_settings(self) -> dict:
@@ -290,9 +291,8 @@ class SweepModule(SweepPredictor, AudioLDM2Module):
         cond = self.backbone.encode_prompts([c.prompt for c in clips], [c.negative_prompt for c in clips])
         # One cpu generator per clip: its noise depends on its seed only, not on the batch or the device.
         noise = torch.cat([self.backbone.initial_latents(1, hp.duration_s, torch.Generator().manual_seed(c.seed)) for c in clips])
-        unsteered_attribute = loaded_schedule_attribute(self.gain_schedule, self.backbone, hp.duration_s, self.adapter_path)
         latents = generate_with_schedule(self.backbone, cond, noise, strengths, hp.num_steps, hp.guidance_scale, hp.start_fraction,
-                                         self.gain_schedule, unsteered_attribute=unsteered_attribute)
+                                         self.gain_schedule, unsteered_attribute=self.unsteered_attribute)
         return self.backbone.decode(latents, hp.duration_s).float().cpu()
 
     def expected_samples(self) -> int:
