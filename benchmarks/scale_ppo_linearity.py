@@ -38,7 +38,7 @@ def measure(adapter: str, probe_source: str, args: argparse.Namespace) -> dict[s
     backbone = AudioLDM2Backbone.load(args.backbone)
     load_lora(backbone.unet, adapter)
     schedule = load_gain_schedule(backbone.unet, adapter)  # None for the Stage-1 slider
-    unsteered_attribute = loaded_schedule_attribute(schedule, backbone, args.duration_s, adapter)
+    attribute_of = loaded_schedule_attribute(schedule, backbone, args.duration_s, adapter)
     probe = attribute_probe_from(read_adapter_info(probe_source))
     strengths = torch.linspace(0, 1, args.grid)
     stability = SpectralStabilityReward(beta=args.beta)
@@ -47,7 +47,7 @@ def measure(adapter: str, probe_source: str, args: argparse.Namespace) -> dict[s
         cond = backbone.encode_prompts(args.prompts)
         noise = backbone.initial_latents(len(args.prompts), args.duration_s, torch.Generator().manual_seed(seed))
         latents = generate_with_schedule(backbone, cond, noise, strengths.tolist(), args.num_steps, args.guidance_scale,
-                                         schedule=schedule, unsteered_attribute=unsteered_attribute)
+                                         schedule=schedule, attribute_of=attribute_of)
         attribute = probe.score(latents).view(args.grid, -1)
         r2, max_jump = linearity(attribute, strengths)
         waves = backbone.decode(latents, args.duration_s).float().view(args.grid, len(args.prompts), -1)

@@ -15,7 +15,8 @@ slider switched on after ``--start-fraction`` of the steps) and prints:
 With ``--stage2 DIR`` it also sweeps [0, 1] on ``--grid`` strengths with the slider and with the
 Stage-2 adapter and prints the audio centroid's linearity (R², largest neighbouring jump over the
 range, range) for both, and the spread over rollouts of the mel-SSIM stability reward, absolute and
-relative (``SpectralStabilityReward(relative=True)``). ``--schedule COND:THETA ...`` adds hand-set
+relative (``SpectralStabilityReward(relative=True)``), and each sweep's time against Stage 1's (a clip-aware
+schedule first generates its pilot strengths). ``--schedule COND:THETA ...`` adds hand-set
 gain schedules shared by all layers (e.g. ``interior:0.2,0.2``, multiplier ``1 + (1 - s)(0.2 + 0.2 s)``),
 to see what Stage 2 could gain on a slider before running PPO.
 
@@ -31,6 +32,7 @@ import argparse
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -88,7 +90,7 @@ def load(args: argparse.Namespace, adapter: str | None) -> tuple[AudioLDM2Backbo
         return backbone, {}
     load_lora(backbone.unet, adapter)
     schedule = load_gain_schedule(backbone.unet, adapter)  # None (nothing loaded) for a Stage-1 slider
-    return backbone, {"schedule": schedule, "unsteered_attribute": loaded_schedule_attribute(schedule, backbone, args.duration_s, adapter)}
+    return backbone, {"schedule": schedule, "attribute_of": loaded_schedule_attribute(schedule, backbone, args.duration_s, adapter)}
 
 
 def report_slider(args: argparse.Namespace, slider: str) -> dict[str, float]:
@@ -125,20 +127,27 @@ def report_linearity(args: argparse.Namespace, slider: str) -> None:
     strengths = torch.linspace(0, 1, args.grid)
     print(f"audio centroid against strength on [0, 1] ({args.grid} strengths), means over (prompt, seed)")
     print(f"and the stability reward (sigma {args.sigma}) per rollout, mean (std): absolute and relative to the rollout's own SSIM drop")
-    print(f"{'':24s} {'R2':>7s} {'max jump':>9s} {'range':>7s} {'absolute':>16s} {'relative':>16s}   (even rise: R2 1, max jump {1 / (args.grid - 1):.3f})")
+    print("and the sweep's generation and decoding time, seconds and relative to Stage 1's (one after the other, this process)")
+    print(f"{'':24s} {'R2':>7s} {'max jump':>9s} {'range':>7s} {'absolute':>16s} {'relative':>16s} {'seconds':>8s} {'ratio':>6s}"
+          f"   (even rise: R2 1, max jump {1 / (args.grid - 1):.3f})")
     rewards = {kind: SpectralStabilityReward(sigma=args.sigma, relative=kind == "relative") for kind in ("absolute", "relative")}
     variants = {"Stage 1": lambda: load(args, slider)}
     if args.stage2:
         variants["Stage 2"] = lambda: load(args, args.stage2)
     for conditioning, theta in args.schedule:
         variants[f"{conditioning}:{','.join(f'{x:g}' for x in theta)}"] = lambda c=conditioning, th=theta: hand_set_schedule(args, slider, c, th)
+    stage1_seconds = None
     for name, build in variants.items():
         backbone, steering = build()
+        start = time.perf_counter()
         audio, _, waves = sweep(backbone, strengths.tolist(), args, steering)
+        seconds = time.perf_counter() - start
+        stage1_seconds = stage1_seconds or seconds
         r2, max_jump = linearity(audio, strengths)
         stability = {kind: reward.evaluate(StrengthSweep(waves, strengths, backbone.sample_rate)).total for kind, reward in rewards.items()}
         spreads = "".join(f" {v.mean():8.4f} ({v.std():.4f})" for v in stability.values())
-        print(f"{name:24s} {r2.mean():7.4f} {max_jump.mean():9.4f} {(audio[-1] - audio[0]).mean():7.4f}{spreads}", flush=True)
+        print(f"{name:24s} {r2.mean():7.4f} {max_jump.mean():9.4f} {(audio[-1] - audio[0]).mean():7.4f}{spreads} {seconds:8.1f} {seconds / stage1_seconds:6.2f}",
+              flush=True)
 
 
 def schedule_spec(text: str) -> tuple[str, list[float]]:

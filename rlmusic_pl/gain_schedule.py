@@ -3,8 +3,9 @@
 RLScale-LoRA's Stage 2 trains the scale layers (``rlmusic_pl.lora.ScaleLayer``) so that intermediate
 strengths move smoothly. A ``GainSchedule`` holds, per LoRA layer (optionally per channel), the
 coefficients theta of a multiplier ``m = 1 + theta . phi(s, t[, q])`` of the Stage-1 gain, with
-features ``phi`` of the strength s, the diffusion step t and, for a clip-aware schedule, the clip's
-standardised attribute at s = 0, q (``conditioning``). theta = 0 is the Stage-1 slider exactly. A
+features ``phi`` of the strength s, the diffusion step t and, for a clip-aware schedule, a standardised
+value q read off the clip's plain-slider outputs (``conditioning``); ``power_position`` instead sets the
+strength itself to ``|s|**exp(theta . phi)``. theta = 0 is the Stage-1 slider exactly. A
 forward pre-hook on the UNet sets every scale layer's ``modulation`` at each call; ``actions`` lets one
 batch run a different theta per sample (PPO's rollouts) and ``context`` gives each sample its q.
 
@@ -13,7 +14,7 @@ adapter directory, one tensor ``mean`` (theta, flat [D], float32) and metadata `
 JSON of ``GainSchedule.settings`` (``conditioning``, ``per_channel``, ``num_train_timesteps``, and since
 ``shared`` was added, ``shared``; files without it load as per-layer schedules).
 ``load_gain_schedule`` (used by ``SweepModule`` and the benchmarks) attaches it to a UNet that
-holds the adapter's LoRA. A schedule that depends on the clip (``interior_base``) also saves what it
+holds the adapter's LoRA. A schedule that depends on the clip (``power_position``) also saves what it
 measures of the clip and how it standardises it (``context_attribute``, ``context_center``,
 ``context_scale``); generate with it through ``rlmusic_pl.modules.slider.generate_with_schedule``.
 """
@@ -21,6 +22,7 @@ measures of the clip and how it standardises it (``context_attribute``, ``contex
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -33,26 +35,36 @@ from rlmusic_pl.data.audio import atomic_write
 from rlmusic_pl.lora import LoRAError, scale_layers
 
 GAIN_SCHEDULE = "gain_schedule.safetensors"
-Conditioning = Literal["none", "strength", "strength_step", "interior", "interior_base"]
-FEATURES = {"none": 1, "strength": 2, "strength_step": 4, "interior": 2, "interior_base": 4}
-CLIP_CONDITIONINGS = ("interior_base",)  # these also depend on the clip: its unsteered output's attribute
+Conditioning = Literal["none", "strength", "strength_step", "interior", "power_position"]
+FEATURES = {"none": 1, "strength": 2, "strength_step": 4, "interior": 2, "power_position": 3}
+CLIP_CONDITIONINGS = ("power_position",)  # these also depend on the clip, read off its plain-slider outputs
 ClipAttribute = Literal["centroid", "probe"]
+MAX_LOG_EXPONENT = 3.0  # power_position's exponents stay within e**-3 .. e**3, so no multiplier overflows
+
+
+def midpoint_log_exponent(at_zero: Tensor, at_half: Tensor, at_full: Tensor) -> Tensor:
+    """log gamma per clip [B]: the clip's plain-slider attribute at s = 0, 1/2 and 1, read as a power curve
+    ``a(s) = a(0) + (a(1) - a(0)) s**gamma`` through its midpoint (gamma > 1: the clip moves late, < 1: early).
+    The midpoint's position is clipped to [0.02, 0.98], so a clip the slider does not move gets a finite value."""
+    position = ((at_half - at_zero) / (at_full - at_zero)).nan_to_num(0.5, posinf=0.98, neginf=0.02).clamp(0.02, 0.98)
+    return (position.log() / math.log(0.5)).log()
+
+
+def strength_sides(strengths: list[float]) -> list[float]:
+    """+1.0 and/or -1.0: the sides of s = 0 that ``strengths`` reach."""
+    return sorted({math.copysign(1.0, s) for s in strengths if s != 0}, reverse=True)
 
 
 def schedule_features(conditioning: str, strength: Tensor, step_fraction: Tensor, context: Tensor | None = None) -> Tensor:
     """Features [R, K] of per-sample strengths [R] at the step fraction t / T (a scalar tensor); ``context``
-    [R] is each sample's standardised unsteered attribute (for ``interior_base``)."""
+    [R] is each sample's standardised clip value q (clip-aware schedules)."""
     if conditioning in CLIP_CONDITIONINGS:
-        if context is None and bool((strength == 0).all()):
-            context = torch.zeros_like(strength)  # the LoRA is off at s = 0, so no multiplier matters (the unsteered pass)
         if context is None:
-            raise LoRAError(f"a {conditioning!r} gain schedule needs each clip's unsteered attribute: generate with generate_with_schedule")
+            raise LoRAError(f"a {conditioning!r} gain schedule needs each clip's q (read off its plain-slider outputs): generate with generate_with_schedule")
         if context.numel() not in (1, strength.numel()) and strength.numel() != 1:
-            raise LoRAError(f"{context.numel()} clip attributes do not fit {strength.numel()} per-sample strengths")
+            raise LoRAError(f"{context.numel()} clip values do not fit {strength.numel()} per-sample strengths")
         strength, context = torch.broadcast_tensors(strength, context.to(strength))
-        rest = 1 - strength
-        # The interior features, and the same again scaled by the clip's attribute q: 1 + (1 - s)(a + b s + q (c + d s)).
-        return torch.stack([rest, rest * strength, rest * context, rest * strength * context], 1)
+        return torch.stack([torch.ones_like(strength), strength.abs(), context], 1)  # power_position's exponent
     one = torch.ones_like(strength)
     if conditioning == "none":
         return one[:, None]
@@ -79,17 +91,18 @@ class GainSchedule(nn.Module):
         conditioning: ``none`` (one multiplier per layer/channel), ``strength`` (linear in s),
             ``strength_step`` (bilinear in s and t / T), ``interior`` (``1 + (1 - s)(a + b s)``: 1 at
             s = 1, so it reshapes only the strengths between 0 and 1 and keeps the slider's range) or
-            ``interior_base`` (``1 + (1 - s)(a + b s + q (c + d s))``, q the clip's standardised unsteered
-            attribute: clips that already sit high on the attribute can bend one way, low ones the other).
+            ``power_position`` (the slider runs at strength ``|s|**exp(a + b |s| + c q)``, q the clip's standardised
+            ``midpoint_log_exponent``: where its plain output at s = 1/2 lies between s = 0 and s = 1, so a clip that
+            moves late is pushed on early and one that moves early held back; s = 0 and +-1 stay Stage 1's).
         per_channel: one multiplier per output channel (else one per layer).
         num_train_timesteps: T, to turn timesteps into step fractions.
         shared: one multiplier for every layer (theta has just the features' K coefficients): it
             reshapes the slider's strength curve as a whole, a policy small enough for PPO to fit
             from a few rollouts per step, where one per layer spreads the same signal over K x layers.
-        context_attribute: what q measures of a clip's unsteered (s = 0) output, for ``interior_base``:
+        context_attribute: what a clip-aware schedule measures of a clip's plain-slider outputs:
             ``centroid`` (the decoded audio's spectral centroid) or ``probe`` (the slider's latent probe).
-        context_center, context_scale: q = (attribute - center) / scale; ``observe_context`` keeps them
-            at the running mean and std of the attributes it is shown (Stage 2's rollouts).
+        context_center, context_scale: q = (raw value - center) / scale; ``observe_context`` keeps them
+            at the running mean and std of the raw values it is shown (Stage 2's rollouts).
     """
 
     def __init__(self, channels: dict[str, int], conditioning: Conditioning = "strength", per_channel: bool = False,
@@ -125,10 +138,10 @@ class GainSchedule(nn.Module):
         return self.conditioning in CLIP_CONDITIONINGS
 
     def observe_context(self, attribute: Tensor) -> None:
-        """Fold unsteered attributes [N] into the running mean and std that standardise q (Chan's parallel update)."""
+        """Fold raw clip values [N] (``clip_values``) into the running mean and std that standardise q (Chan's parallel update)."""
         values = attribute.detach().double().flatten().to(self.context_moments.device)
         if values.numel() == 0 or not torch.isfinite(values).all():
-            raise ValueError(f"the clips' unsteered attributes must be finite numbers, got {values.tolist()}")
+            raise ValueError(f"the clips' values (attributes of their plain-slider outputs) must be finite numbers, got {values.tolist()}")
         count, mean, squares = self.context_moments.unbind()
         batch_count, batch_mean = values.numel(), values.mean()
         total = count + batch_count
@@ -140,7 +153,7 @@ class GainSchedule(nn.Module):
             self.context_norm.copy_(torch.stack([mean, (squares / total).sqrt()]).float())
 
     def set_context(self, attribute: Tensor | None) -> None:
-        """Each sample's q [R] from its clip's unsteered attribute [R] (None: clear it)."""
+        """Each sample's q [R] from its clip's raw value [R] (``clip_values``; None: clear it)."""
         self.context = None if attribute is None else (attribute.float().to(self.context_norm.device) - self.context_norm[0]) / self.context_norm[1]
 
     @property
@@ -155,17 +168,43 @@ class GainSchedule(nn.Module):
     def multipliers(self, theta: Tensor, strength: Tensor, step_fraction: Tensor, context: Tensor | None = None) -> dict[str, Tensor]:
         """Per layer, multipliers [R] (or [R, C] per channel) for theta [R or 1, D], strengths [R or 1] and q [R] (clip-aware schedules)."""
         features = schedule_features(self.conditioning, strength, step_fraction, context)[:, :, None]  # [R, K, 1]
+        magnitude = strength.abs().float().expand(features.shape[0])[:, None]  # [R, 1]
         if self.shared:
-            multiplier = 1 + (features[:, :, 0] * theta).sum(1)
+            multiplier = self.multiplier_of((features[:, :, 0] * theta).sum(1)[:, None], magnitude)[:, 0]
             return {name: multiplier for name in self.widths}
         result, offset = {}, 0
         for name, width in self.widths.items():
             size = features.shape[1] * width
             coefficients = theta[:, offset : offset + size].view(theta.shape[0], -1, width)  # [R, K, C]
             offset += size
-            multiplier = 1 + (features * coefficients).sum(1)
+            multiplier = self.multiplier_of((features * coefficients).sum(1), magnitude)
             result[name] = multiplier if self.per_channel else multiplier[:, 0]
         return result
+
+    def multiplier_of(self, value: Tensor, magnitude: Tensor) -> Tensor:
+        """The gain multiplier for ``theta . phi`` [R, C] at strengths of magnitude |s| [R, 1]: ``1 + theta . phi``, or for
+        ``power_position`` ``|s|**(exp(theta . phi) - 1)``, so that the slider runs at strength ``|s|**exp(theta . phi)``
+        (1 at s = 0, where the LoRA is off anyway)."""
+        if self.conditioning != "power_position":
+            return 1 + value
+        exponent = value.clamp(-MAX_LOG_EXPONENT, MAX_LOG_EXPONENT).exp() - 1
+        power = magnitude.clamp_min(torch.finfo(torch.float32).tiny).pow(exponent)
+        return torch.where(magnitude > 0, power, torch.ones_like(power))
+
+    def pilot_strengths(self, strengths: list[float]) -> list[float]:
+        """The strengths at which a clip-aware schedule reads each clip off the plain slider, before generating
+        ``strengths`` with it: 0, and 1/2 and 1 on each side of 0 that ``strengths`` reach."""
+        return [0.0] + [side * at for side in strength_sides(strengths) for at in (0.5, 1.0)]
+
+    def clip_values(self, strengths: list[float], attributes: Tensor) -> dict[float, Tensor]:
+        """Each clip's raw q [B] for each side of s = 0 (+1.0, -1.0) that ``strengths`` reach, from its attributes
+        [P, B] at ``pilot_strengths(strengths)``: the log exponent of its plain sweep on that side (``midpoint_log_exponent``)."""
+        at = dict(zip(self.pilot_strengths(strengths), attributes))
+        return {side: midpoint_log_exponent(at[0.0], at[side * 0.5], at[side]) for side in strength_sides(strengths)}
+
+    def keeps(self, strength: float) -> bool:
+        """Whether the multiplier is 1 at ``strength`` whatever theta and q (so a pilot there is the final output)."""
+        return strength == 0 or (self.conditioning == "power_position" and abs(strength) == 1)
 
     def attach(self, unet: nn.Module) -> torch.utils.hooks.RemovableHandle:
         layers = scale_layers(unet)
@@ -209,7 +248,7 @@ def load_gain_schedule(unet: nn.Module, directory: str | Path) -> GainSchedule |
         raise LoRAError(f"{path}: not a readable gain schedule ({err})") from err
     try:
         return attach_fixed_schedule(unet, mean, **settings)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise LoRAError(f"{path}: gain schedule settings {settings} do not fit this version ({err})") from err
     except LoRAError as err:
         raise LoRAError(f"{path}: {err}") from err

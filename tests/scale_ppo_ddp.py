@@ -18,9 +18,9 @@ from rlmusic_pl.data import PromptAttributeDataModule
 from rlmusic_pl.modules import ScalePPOModule
 
 PROMPTS = ["A piano melody", "jazz", "drums and bass", "A melody played on an organ"]
-# The clip-aware schedule: its q statistics (from every rank's unsteered clips) must agree across ranks too.
+# The clip-aware schedule: its q statistics (from every rank's plain-slider clips) must agree across ranks too.
 SETTINGS = dict(backbone="tiny", strengths=[0.0, 0.5, 1.0], duration_s=0.5, num_steps=3, init_std=0.2, ppo_epochs=2,
-                conditioning="interior_base", attribute="centroid")
+                conditioning="power_position", attribute="centroid")
 
 
 class RecordingScalePPO(ScalePPOModule):

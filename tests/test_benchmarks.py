@@ -93,7 +93,9 @@ def test_slider_audio_trains_the_slider_and_reports_the_audio_figures(trained_ba
     base_diff = float(result.stdout.split("largest waveform difference ")[1].split()[0])
     assert base_diff < 1e-4, "the unsteered output (s = 0) is not the base model's"
     rows = [line.split() for line in result.stdout.splitlines() if line.startswith(("Stage 1", "interior:"))]
-    figures = {" ".join(row[:-7]): row[-7:] for row in rows}  # R2, max jump, range, two stability means (stds)
+    figures = {" ".join(row[:-9]): row[-9:-2] for row in rows}  # R2, max jump, range, two stability means (stds)
+    timing = {" ".join(row[:-9]): [float(x) for x in row[-2:]] for row in rows}  # seconds, ratio to Stage 1
+    assert timing["Stage 1"][1] == 1.0 and all(seconds > 0 for seconds, _ in timing.values())
     assert figures["interior:0,0"] == figures["Stage 1"]  # a zero schedule is the slider itself
     assert figures["interior:0.5,-0.5"][2] == figures["Stage 1"][2]  # the range (s = 1 untouched)
     assert figures["interior:0.5,-0.5"][0] != figures["Stage 1"][0]  # the strength between is bent

@@ -9,9 +9,9 @@ PPO as a contextual bandit, one training step per batch of prompts:
   1. context: each prompt with one initial noise; action: a draw of ``theta`` from the Gaussian
      policy ``N(mean, std^2)``, ``rollouts_per_prompt`` per prompt in mirrored pairs (mean +- std * z);
   2. every rollout generates its prompt at every strength of the grid (deterministic DDIM, all in
-     one UNet batch, each sample with its own theta; a clip-aware schedule, ``interior_base``, first
-     generates s = 0, folds every rank's attributes there into q's running mean and std, and tells
-     the schedule each clip's q);
+     one UNet batch, each sample with its own theta; a clip-aware schedule first generates each clip
+     with the plain slider at its pilot strengths (``power_position``: 0, 1/2 and 1), folds every rank's values read off them into q's running mean and std, and
+     tells the schedule each clip's q);
   3. the sweep rewards score each rollout's whole grid: the spectral-temporal stability of the
      intermediate strengths and the even rise of the Stage-1 attribute (``rewards.stability``);
   4. ``ppo_epochs`` full-batch steps of: the clipped surrogate on the actions' log-probs with
@@ -20,9 +20,9 @@ PPO as a contextual bandit, one training step per batch of prompts:
      rollout is instead the mean reward of the rollouts that share its prompt and noise.
 
 The UNet is never differentiated: the generation runs without gradients and the loss only involves
-the policy's Gaussian, so a step costs one batched generation (two with ``interior_base``: s = 0 first).
-Optimisation is manual (several
-epochs per batch of rollouts).
+the policy's Gaussian, so a step costs one batched generation (two with a clip-aware schedule: the
+pilots first; those at 0 and 1 are also the outputs there, so it generates one strength more than
+the grid). Optimisation is manual (several epochs per batch of rollouts).
 
 Under ``strategy=ddp`` every rank generates its own rollouts (its own prompts, noise and actions);
 the actions and rewards of all ranks (and the unsteered attributes that standardise q) are gathered,
@@ -117,15 +117,16 @@ class ScalePPOModule(AudioLDM2Module):
 
     Args:
         slider: directory of the Stage-1 slider (``SliderModule``'s exported adapter); its metadata
-            must hold the attribute probe when ``monotonicity_weight`` is not 0 or ``interior_base``
-            measures the probe.
+            must hold the attribute probe when ``monotonicity_weight`` is not 0 or a clip-aware
+            schedule measures the probe.
         strengths: the strength grid of every rollout, increasing from 0 to 1.
         rollouts_per_prompt: actions per prompt and noise, in mirrored pairs (even, >= 2).
         conditioning: what the gain multipliers depend on: ``none``, ``strength``, ``strength_step``,
             ``interior`` (multipliers of the strength that are 1 at s = 1: the full-strength slider and its
-            range stay Stage 1's, PPO bends only the strengths between) or ``interior_base`` (the same, also
-            linear in the clip's standardised ``attribute`` at s = 0, generated first: clips that start high
-            on the attribute and clips that start low can bend differently).
+            range stay Stage 1's, PPO bends only the strengths between) or ``power_position`` (the slider
+            runs at strength ``|s|**exp(a + b |s| + c q)``, q the standardised log exponent of the clip's own
+            plain sweep, read off its ``attribute`` at s = 0, 1/2 and 1: a clip that moves late is pushed on
+            early, one that moves early held back; s = 0 and 1 stay Stage 1's).
         per_channel: one multiplier per output channel (else one per LoRA layer).
         shared_schedule: one multiplier for all LoRA layers (``GainSchedule(shared=True)``): a policy of
             just the conditioning's 2-4 coefficients, which reshapes the slider's strength curve as a
@@ -136,7 +137,7 @@ class ScalePPOModule(AudioLDM2Module):
         relative_stability: score each rollout's SSIM drop relative to its own total drop
             (``SpectralStabilityReward(relative=True)``): informative when the slider changes the mel
             little, where the absolute score is ~1 for every rollout.
-        attribute: what the monotonicity reward (and ``interior_base``'s q) measures: ``probe`` (the slider's latent
+        attribute: what the monotonicity reward (and a clip-aware schedule's q) measures: ``probe`` (the slider's latent
             ``AttributeProbe``) or ``centroid`` (the decoded audio's spectral centroid, for a
             brightness slider whose audio should rise evenly).
         stability_weight: weight of the spectral-temporal stability reward.
@@ -291,18 +292,16 @@ class ScalePPOModule(AudioLDM2Module):
     @torch.no_grad()
     def generate(self, cond: PromptConditioning, noise: Tensor, actions: Tensor | None, observe: bool = False) -> Tensor:
         """Final latents [G * N, ...] (strength-major) of N contexts at the grid, rollout n with theta ``actions[n]`` (None: the
-        mean); ``observe``: a clip-aware schedule folds these clips' unsteered attributes (every rank's) into q's statistics
-        before it standardises them."""
+        mean); ``observe``: a clip-aware schedule folds these clips' raw values (every rank's) into q's statistics before
+        it standardises them."""
         hp = self.hparams
         return generate_with_schedule(self.backbone, cond, noise, hp.strengths, hp.num_steps, hp.guidance_scale, hp.start_fraction,
-                                      self.gain_schedule, actions, self.observed_attribute if observe else self.attribute_of)
+                                      self.gain_schedule, actions, self.attribute_of, self.observe_clip_values if observe else None)
 
-    def observed_attribute(self, latents: Tensor) -> Tensor:
-        """``attribute_of`` the unsteered latents, after folding every rank's values into the schedule's q statistics
-        (the same on every rank, so q and the gains stay identical)."""
-        attribute = self.attribute_of(latents)
-        self.gain_schedule.observe_context(*self._gather(attribute))
-        return attribute
+    def observe_clip_values(self, values: Tensor) -> None:
+        """Fold every rank's raw clip values into the schedule's q statistics (the same on every rank, so q and the gains
+        stay identical)."""
+        self.gain_schedule.observe_context(*self._gather(values))
 
     def attribute_of(self, latents: Tensor, waveforms: Tensor | None = None) -> Tensor:
         """The monotonicity reward's attribute [B] of final latents [B, ...] (zeros without a probe when it is unused)."""

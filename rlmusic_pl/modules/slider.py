@@ -20,6 +20,7 @@ Optimisation is automatic: the Trainer's ``accumulate_grad_batches``, ``precisio
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,16 +114,20 @@ def generate_with_schedule(
     start_fraction: float = 0.0,
     schedule: GainSchedule | None = None,
     actions: Tensor | None = None,
-    unsteered_attribute: Callable[[Tensor], Tensor] | None = None,
+    attribute_of: Callable[[Tensor], Tensor] | None = None,
+    observe: Callable[[Tensor], None] | None = None,
 ) -> Tensor:
     """``generate_at_strengths`` under a Stage-2 gain schedule attached to the UNet.
 
     Args:
         schedule: the attached ``GainSchedule`` (None: the plain slider).
         actions: one theta per prompt [B, D] (PPO's rollouts; None: the schedule's mean).
-        unsteered_attribute: latents [B, ...] -> attribute [B], for a schedule that depends on the clip
-            (``interior_base``): every prompt is first generated at s = 0 (the base model, whatever theta)
-            and the schedule told each clip's attribute before the other strengths are generated.
+        attribute_of: latents [N, ...] -> attribute [N], for a schedule that depends on the clip
+            (``power_position``): every prompt is first generated with the plain slider at the
+            schedule's ``pilot_strengths`` and the schedule told each clip's q (``clip_values``) before the other
+            strengths are generated; pilots at strengths the schedule ``keeps`` are the outputs there.
+        observe: called with the clips' raw values [B * sides] before they are standardised (Stage 2 folds them
+            into q's running statistics).
 
     Returns:
         final latents [len(strengths) * B, ...], strength-major, as ``generate_at_strengths``.
@@ -136,14 +141,20 @@ def generate_with_schedule(
         if not schedule.needs_context:
             schedule.actions = None if actions is None else actions.repeat(len(strengths), 1)
             return generate(list(strengths))
-        if unsteered_attribute is None:
-            raise LoRAError(f"the gain schedule ({schedule.conditioning}) depends on each clip's unsteered attribute: pass unsteered_attribute")
-        unsteered = generate([0.0])
-        steered = [s for s in strengths if s != 0]
+        if attribute_of is None:
+            raise LoRAError(f"the gain schedule ({schedule.conditioning}) reads each clip off the plain slider: pass attribute_of")
+        pilots = schedule.pilot_strengths(list(strengths))
+        schedule.actions, schedule.context = torch.zeros(1, schedule.mean.numel(), device=schedule.mean.device), torch.zeros(1)
+        plain = generate(pilots).unflatten(0, (len(pilots), -1))  # theta = 0: the Stage-1 slider
+        values = schedule.clip_values(list(strengths), attribute_of(plain.flatten(0, 1)).view(len(pilots), -1))
+        if observe is not None and values:
+            observe(torch.cat(list(values.values())))
+        kept = {s: plain[i] for i, s in enumerate(pilots) if schedule.keeps(s)}
+        steered = [s for s in strengths if s not in kept]
         schedule.actions = None if actions is None else actions.repeat(len(steered), 1)
-        schedule.set_context(unsteered_attribute(unsteered).repeat(len(steered)))
+        schedule.set_context(torch.cat([values[math.copysign(1.0, s)] for s in steered]) if steered else None)
         chunks = iter(generate(steered).chunk(len(steered))) if steered else iter(())
-        return torch.cat([unsteered if s == 0 else next(chunks) for s in strengths])
+        return torch.cat([kept[s] if s in kept else next(chunks) for s in strengths])
     finally:
         schedule.actions = None
         if schedule.needs_context:
@@ -152,8 +163,8 @@ def generate_with_schedule(
 
 def loaded_schedule_attribute(schedule: GainSchedule | None, backbone: AudioLDM2Backbone, duration_s: float,
                               adapter: str | Path) -> Callable[[Tensor], Tensor] | None:
-    """For a clip-aware schedule loaded from ``adapter``, what it measures of unsteered latents (the
-    ``unsteered_attribute`` of ``generate_with_schedule``); None for any other schedule."""
+    """For a clip-aware schedule loaded from ``adapter``, what it measures of the plain slider's latents (the
+    ``attribute_of`` of ``generate_with_schedule``); None for any other schedule."""
     if schedule is None or not schedule.needs_context:
         return None
     probe = attribute_probe_from(read_adapter_info(Path(adapter))) if schedule.context_attribute == "probe" else None

@@ -275,7 +275,7 @@ class SweepModule(SweepPredictor, AudioLDM2Module):
         load_lora(unet, self.adapter_path)
         # A Stage-2 adapter's scale-layer multipliers (by strength, step and clip) apply to every generation.
         self.gain_schedule = load_gain_schedule(unet, self.adapter_path)
-        self.unsteered_attribute = loaded_schedule_attribute(self.gain_schedule, self.backbone, self.hparams.duration_s, self.adapter_path)
+        self.schedule_attribute = loaded_schedule_attribute(self.gain_schedule, self.backbone, self.hparams.duration_s, self.adapter_path)
         log.info("sweeping a %s adapter from %s", self.adapter_kind, self.adapter_path)
 
     def generation_settings(self) -> dict:
@@ -292,7 +292,7 @@ class SweepModule(SweepPredictor, AudioLDM2Module):
         # One cpu generator per clip: its noise depends on its seed only, not on the batch or the device.
         noise = torch.cat([self.backbone.initial_latents(1, hp.duration_s, torch.Generator().manual_seed(c.seed)) for c in clips])
         latents = generate_with_schedule(self.backbone, cond, noise, strengths, hp.num_steps, hp.guidance_scale, hp.start_fraction,
-                                         self.gain_schedule, unsteered_attribute=self.unsteered_attribute)
+                                         self.gain_schedule, attribute_of=self.schedule_attribute)
         return self.backbone.decode(latents, hp.duration_s).float().cpu()
 
     def expected_samples(self) -> int:

@@ -13,7 +13,7 @@ import torch
 from rlmusic_pl.backbone.audioldm2 import AudioLDM2Backbone
 from rlmusic_pl.callbacks.sweep_clips import Clip
 from rlmusic_pl.data import PromptAttributeDataModule
-from rlmusic_pl.gain_schedule import GAIN_SCHEDULE
+from rlmusic_pl.gain_schedule import GAIN_SCHEDULE, midpoint_log_exponent
 from rlmusic_pl.lora import LoRAError, load_lora, lora_parameters, save_lora
 from rlmusic_pl.modules import GainSchedule, ScalePPOModule, SliderModule, SweepModule, generate_at_strengths
 from rlmusic_pl.modules.slider import generate_with_schedule
@@ -94,34 +94,32 @@ def test_an_interior_schedule_bends_intermediate_strengths_and_leaves_full_stren
     assert not torch.allclose(bent[2:4], stage1[2:4], atol=1e-3)  # an intermediate strength
 
 
-def test_a_clip_aware_schedule_bends_each_clip_by_its_unsteered_attribute(slider_dir):
-    module = stage2(slider_dir, conditioning="interior_base", attribute="centroid", shared_schedule=True)
+def test_a_power_position_schedule_runs_each_clip_at_its_own_power_of_the_strength(slider_dir):
+    module = stage2(slider_dir, conditioning="power_position", attribute="centroid", shared_schedule=True)
     with torch.no_grad():
-        module.gain_schedule.mean.copy_(torch.tensor([0.0, 0.0, 0.8, 0.0]))  # 1 + 0.8 q (1 - s)
+        module.gain_schedule.mean.copy_(torch.tensor([0.2, 0.0, -0.5]))  # strength s ** exp(0.2 - 0.5 q)
     cond, noise = prompt_inputs(module.backbone)
     stage1 = AudioLDM2Backbone.load("tiny")
     load_lora(stage1.unet, slider_dir)
-    plain = generate_at_strengths(stage1, cond, noise, GRID, STEPS, 3.5)
-    unsteered = module.attribute_of(plain[: len(PROMPTS)])
-    module.gain_schedule.observe_context(unsteered)  # two clips: q = -1 and +1
-    q = (unsteered - unsteered.mean()) / unsteered.std(unbiased=False)
-    latents = module.generate(cond, noise, None)
-    torch.testing.assert_close(latents[: len(PROMPTS)], plain[: len(PROMPTS)], atol=1e-5, rtol=1e-5)  # s = 0: the base
-    torch.testing.assert_close(latents[-len(PROMPTS) :], plain[-len(PROMPTS) :], atol=1e-5, rtol=1e-5)  # s = 1: Stage 1
-    # Each clip at s = 0.5 is what a plain interior schedule with its own multiplier 1 + 0.8 q (1 - s) gives it.
-    interior = stage2(slider_dir, conditioning="interior", shared_schedule=True)
+    plain = generate_at_strengths(stage1, cond, noise, GRID, STEPS, 3.5).unflatten(0, (len(GRID), -1))
+    at = module.attribute_of(plain.flatten(0, 1)).view(len(GRID), -1)
+    exponent = midpoint_log_exponent(at[0], at[1], at[2])
+    module.gain_schedule.observe_context(exponent)  # two clips: q = -1 and +1
+    q = (exponent - exponent.mean()) / exponent.std(unbiased=False)
+    latents = module.generate(cond, noise, None).unflatten(0, (len(GRID), -1))
+    torch.testing.assert_close(latents[0], plain[0], atol=1e-5, rtol=1e-5)  # s = 0: the base
+    torch.testing.assert_close(latents[2], plain[2], atol=1e-5, rtol=1e-5)  # s = 1: Stage 1
     for prompt in range(len(PROMPTS)):
-        with torch.no_grad():
-            interior.gain_schedule.mean.copy_(torch.tensor([0.8 * q[prompt].item(), 0.0]))
-        alone = interior.generate(cond[[prompt]], noise[[prompt]], None)
-        torch.testing.assert_close(latents[len(PROMPTS) + prompt], alone[1], atol=1e-4, rtol=1e-4)
-    assert not torch.allclose(latents[len(PROMPTS) : -len(PROMPTS)], plain[len(PROMPTS) : -len(PROMPTS)], atol=1e-3)
-    with pytest.raises(LoRAError, match="unsteered attribute"):
+        strength = 0.5 ** math.exp(0.2 - 0.5 * q[prompt].item())
+        alone = generate_at_strengths(stage1, cond[[prompt]], noise[[prompt]], [strength], STEPS, 3.5)
+        torch.testing.assert_close(latents[1, prompt], alone[0], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(latents[1], plain[1], atol=1e-3)
+    with pytest.raises(LoRAError, match="reads each clip off the plain slider"):
         generate_with_schedule(module.backbone, cond, noise, GRID, STEPS, 3.5, schedule=module.gain_schedule)
 
 
 def test_a_clip_aware_stage2_learns_the_attribute_statistics_and_the_sweep_applies_its_export(slider_dir, tmp_path):
-    module = stage2(slider_dir, conditioning="interior_base", attribute="centroid", shared_schedule=True,
+    module = stage2(slider_dir, conditioning="power_position", attribute="centroid", shared_schedule=True,
                     export_to=str(tmp_path / "stage2"), ppo_epochs=1)
     trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
@@ -129,7 +127,7 @@ def test_a_clip_aware_stage2_learns_the_attribute_statistics_and_the_sweep_appli
     schedule = module.gain_schedule
     assert schedule.context_moments[0] == 2 * 2 * 2  # steps x prompts x rollouts per prompt
     center, scale = schedule.context_norm.tolist()
-    assert 0 < center < 1 and scale > 0  # a centroid's mean and std (fractions of Nyquist), no longer (0, 1)
+    assert (center, scale) != (0.0, 1.0) and scale > 0  # the clips' log exponents' mean and std, no longer the start
     sweep = SweepModule(adapter=str(tmp_path / "stage2"), backbone="tiny", duration_s=DURATION, num_steps=STEPS)
     sweep.configure_model()
     assert sweep.gain_schedule.settings == {**schedule.settings, "context_center": pytest.approx(center), "context_scale": pytest.approx(scale)}
