@@ -10,8 +10,8 @@ PPO as a contextual bandit, one training step per batch of prompts:
      policy ``N(mean, std^2)``, ``rollouts_per_prompt`` per prompt in mirrored pairs (mean +- std * z);
   2. every rollout generates its prompt at every strength of the grid (deterministic DDIM, all in
      one UNet batch, each sample with its own theta; a clip-aware schedule first generates each clip
-     with the plain slider at its pilot strengths (``power_position``: 0, 1/2 and 1), folds every rank's values read off them into q's running mean and std, and
-     tells the schedule each clip's q);
+     with the plain slider at its pilot strengths (``power_position``: 0, 1/2 and 1), folds every
+     rank's values read off them into q's running mean and std, and tells the schedule each clip's q);
   3. the sweep rewards score each rollout's whole grid: the spectral-temporal stability of the
      intermediate strengths and the even rise of the Stage-1 attribute (``rewards.stability``);
   4. ``ppo_epochs`` full-batch steps of: the clipped surrogate on the actions' log-probs with
@@ -25,7 +25,7 @@ pilots first; those at 0 and 1 are also the outputs there, so it generates one s
 the grid). Optimisation is manual (several epochs per batch of rollouts).
 
 Under ``strategy=ddp`` every rank generates its own rollouts (its own prompts, noise and actions);
-the actions and rewards of all ranks (and the unsteered attributes that standardise q) are gathered,
+the actions and rewards of all ranks (and the clip values that standardise q) are gathered,
 so every rank computes the same q, advantages and loss on the same full batch, and the gains stay
 identical without a gradient all-reduce.
 
